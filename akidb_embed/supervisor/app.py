@@ -1,0 +1,369 @@
+"""The supervisor: owns the client and worker sockets, runs the event loop, answers every request."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+
+from akidb_embed import __version__
+from akidb_embed.protocol.errors import (
+    BadRequest, EmbedError, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
+)
+from akidb_embed.protocol.messages import (
+    ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
+    ok_response, parse_header, parse_request, worker_header,
+)
+from akidb_embed.supervisor.config import Config
+from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
+from akidb_embed.supervisor.pool import BackendPool, BState
+from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05            # housekeeping period: liveness, restarts, memory
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctx = zmq.Context()
+        self._rundir = Path(tempfile.mkdtemp(prefix="akidb-embed-"))
+        self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
+        self.quarantine = Quarantine()
+        self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
+        self.deadlines = DeadlineHeap()
+        self.pending: dict[int, Pending] = {}
+        self._seq = 0
+        self._by_fd: dict[int, WorkerProcess] = {}
+        self._wid_pool: dict[str, BackendPool] = {}
+        self.poller = zmq.Poller()
+        self.accepting = True
+        self.started = time.monotonic()
+        self._stop_requested = False
+
+    # ---- sockets ------------------------------------------------------------------------------
+    def _bind(self) -> None:
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.front.setsockopt(zmq.RCVHWM, 100_000)
+        self.front.setsockopt(zmq.SNDHWM, 100_000)
+        endpoint = self.config.endpoint
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not _ipc_in_use(path):
+                path.unlink()  # a stale socket file left by a killed supervisor
+        self.front.bind(endpoint)
+        self.back = self.ctx.socket(zmq.ROUTER)
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.back.setsockopt(zmq.RCVHWM, 100_000)
+        self.back.setsockopt(zmq.SNDHWM, 100_000)
+        self.back.bind(self.worker_endpoint)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self.front, zmq.POLLIN)
+        self.poller.register(self.back, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def watch(self, w: WorkerProcess) -> None:
+        fd = w.lifeline_fd()
+        self._by_fd[fd] = w
+        self._wid_pool[w.wid] = self.pools[w.cfg.name]
+        self.poller.register(fd, zmq.POLLIN)
+
+    def unwatch(self, w: WorkerProcess) -> None:
+        if w.lifeline is not None:
+            fd = w.lifeline_fd()
+            self._by_fd.pop(fd, None)
+            self.poller.unregister(fd)
+            w.close_lifeline()
+        self._wid_pool.pop(w.wid, None)
+
+    def send_job(self, w: WorkerProcess, p: Pending) -> None:
+        self.back.send_multipart([w.wid.encode(), *embed_job(p.seq, p.deadline, p.frame)])
+
+    def send_stop(self, w: WorkerProcess) -> None:
+        self.back.send_multipart([w.wid.encode(), worker_header(WorkerMsg.STOP)])
+
+    def _reply(self, route: list[bytes], frame: bytes) -> None:
+        try:
+            self.front.send_multipart([*route, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # client gone or its queue full: nothing else to do
+            log.debug("reply dropped: %s", exc)
+
+    def answer_error(self, p: Pending, err: EmbedError) -> None:
+        if p.answered:
+            return
+        p.answered = True
+        self.pending.pop(p.seq, None)
+        self._reply(p.route, error_response(p.rid, err))
+
+    # ---- run ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain and stop. Returns the process exit code."""
+        self._bind()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        log.info("supervisor listening: endpoint=%s backends=%s config=%s pid=%d", self.config.endpoint,
+                 ",".join(self.pools), self.config.source, os.getpid())
+        try:
+            for pool in self.pools.values():
+                pool.start()
+            self._loop()
+            self._drain()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            self._shutdown_workers()
+            self._close()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_requested = True
+
+    def _loop(self, until: float | None = None) -> None:
+        next_tick = time.monotonic()
+        while not self._stop_requested if until is None else (time.monotonic() < until and self._busy()):
+            now = time.monotonic()
+            timeout = max(0.0, next_tick - now)
+            nd = self.deadlines.next_deadline()
+            if nd is not None:
+                timeout = min(timeout, max(0.0, nd - time.time()))
+            events = dict(self.poller.poll(timeout * 1000))
+            self._handle_events(events)
+            self._expire(time.time())
+            if time.monotonic() >= next_tick:
+                wall, now = time.time(), time.monotonic()
+                for pool in self.pools.values():
+                    pool.tick(now, wall)
+                next_tick = now + TICK_S
+
+    def _handle_events(self, events: dict[Any, int]) -> None:
+        if self.back in events:
+            self._drain_socket(self.back, self._on_worker_frames)
+        if self.front in events:
+            self._drain_socket(self.front, self._on_client_frames)
+        for fd in [fd for fd in events if isinstance(fd, int)]:
+            if fd == self._wake_r.fileno():
+                try:
+                    self._wake_r.recv(4096)
+                except BlockingIOError:
+                    pass
+            elif fd in self._by_fd:
+                w = self._by_fd[fd]
+                self._on_worker_exit(w)
+
+    @staticmethod
+    def _drain_socket(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ---- client side -----------------------------------------------------------------------------
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        # DEALER clients send [identity, frame]; REQ clients add an empty delimiter.
+        if len(frames) == 3 and frames[1] == b"":
+            route, body = frames[:2], frames[2]
+        elif len(frames) == 2:
+            route, body = frames[:1], frames[1]
+        else:
+            log.warning("bad request: %d frames from a client (expected one)", len(frames) - 1)
+            self._reply(frames[:1], error_response(None, BadRequest(
+                f"expected one msgpack frame per request, got {len(frames) - 1}")))
+            return
+        try:
+            req = parse_request(body)
+            self._dispatch(route, body, req)
+        except RequestError as exc:
+            log.warning("bad request: %s", exc.message)
+            self._reply(route, error_response(exc.request_id, exc))
+        except EmbedError as exc:
+            self._reply(route, error_response(getattr(req, "id", None), exc))
+        except Exception as exc:  # a bug must cost one request, never the supervisor
+            log.exception("internal error while handling a request")
+            self._reply(route, error_response(None, InternalError(f"{type(exc).__name__}: {exc}")))
+
+    def _dispatch(self, route: list[bytes], body: bytes, req: Any) -> None:
+        if isinstance(req, EmbedRequest):
+            self._submit(route, body, req)
+        elif isinstance(req, QueryRequest):
+            self._reply(route, ok_response(req.id, **getattr(self, f"_op_{req.op}")()))
+        elif isinstance(req, ControlRequest):
+            self._reply(route, ok_response(req.id, **self._control(req)))
+
+    def _submit(self, route: list[bytes], body: bytes, req: EmbedRequest) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down; retry on another instance or after restart")
+        name = req.backend or self.config.default_backend
+        pool = self.pools.get(name)
+        if pool is None:
+            raise UnknownBackend(f"no backend named {name!r}; configured: {', '.join(self.pools)}")
+        reason = self.quarantine.check(req.texts)
+        if reason:
+            raise PoisonInput(reason)
+        timeout = (req.timeout_ms / 1000.0 if req.timeout_ms else
+                   pool.cfg.timeout_s or pool.cfg.policy.request_timeout_s)
+        self._seq += 1
+        p = Pending(seq=self._seq, route=route, rid=req.id, frame=body, texts=req.texts, backend=name,
+                    deadline=time.time() + timeout)
+        pool.submit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
+        self.pending[p.seq] = p
+        self.deadlines.push(p)
+
+    def _expire(self, wall: float) -> None:
+        for p in self.deadlines.pop_expired(wall):
+            where = f"in worker {p.worker}" if p.worker and p.seq in self._worker_inflight(p) else "waiting in queue"
+            log.warning("request timeout: backend=%s id=%r texts=%d %s", p.backend, p.rid, len(p.texts), where)
+            self.answer_error(p, Timeout(f"no answer from backend {p.backend!r} within the deadline ({where})"))
+
+    def _worker_inflight(self, p: Pending) -> dict[int, Pending]:
+        pool = self.pools[p.backend]
+        w = pool.workers.get(p.worker or "")
+        return w.inflight if w else {}
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        ident = frames[0].decode(errors="replace")
+        try:
+            header = parse_header(frames[1])
+        except Exception:
+            log.error("malformed frame from worker %s dropped", ident)
+            return
+        kind = header.get("t")
+        wid = ident[:-3] if ident.endswith("/hb") else ident
+        pool = self._wid_pool.get(wid)
+        w = pool.workers.get(wid) if pool else None
+        if w is None:
+            return  # a message from a worker already gone
+        w.last_heartbeat = time.monotonic()
+        if kind == WorkerMsg.DONE and len(frames) == 3:
+            p = pool.on_done(w, header.get("seq"))
+            if p is not None and not p.answered:
+                p.answered = True
+                self.pending.pop(p.seq, None)
+                self._reply(p.route, frames[2])
+        elif kind == WorkerMsg.READY:
+            pool.on_ready(w, header.get("info") or {})
+        elif kind == WorkerMsg.FAIL:
+            pool.on_load_failed(w, header.get("error") or {})
+
+    def _on_worker_exit(self, w: WorkerProcess) -> None:
+        code = w.reap(timeout=2.0)
+        if code is None:  # lifeline closed but the process lives on: end it
+            w.signal(signal.SIGKILL)
+            code = w.reap(timeout=2.0)
+        self.pools[w.cfg.name].on_exit(w, code)
+
+    # ---- operations -------------------------------------------------------------------------------
+    def _op_info(self) -> dict[str, Any]:
+        backends = {}
+        for name, pool in self.pools.items():
+            info = pool.model_info or {}
+            backends[name] = {"kind": pool.cfg.kind, "model": info.get("model", pool.cfg.model),
+                              "dim": info.get("dim"), "max_tokens": info.get("max_tokens"),
+                              "state": pool.state.value, "replicas": pool.cfg.replicas,
+                              "extra": info.get("extra", {})}
+        return {"version": __version__, "protocol": 1, "default_backend": self.config.default_backend,
+                "backends": backends}
+
+    def _op_health(self) -> dict[str, Any]:
+        states = {name: pool.state.value for name, pool in self.pools.items()}
+        serving = [s for s in states.values() if s in (BState.READY.value, BState.DEGRADED.value)]
+        status = "ok" if all(s == BState.READY.value for s in states.values()) else (
+            "degraded" if serving else "unavailable")
+        return {"status": status, "backends": states}
+
+    def _op_status(self) -> dict[str, Any]:
+        me = psutil.Process()
+        cpu = me.cpu_times()
+        return {"supervisor": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
+                               "rss_mb": round(me.memory_info().rss / 2**20, 1),
+                               "cpu_s": round(cpu.user + cpu.system, 3), "pending": len(self.pending),
+                               "quarantined": len(self.quarantine), "endpoint": self.config.endpoint},
+                "backends": {name: pool.status() for name, pool in self.pools.items()}}
+
+    def _control(self, req: ControlRequest) -> dict[str, Any]:
+        pool = self.pools.get(req.backend)
+        if pool is None:
+            raise UnknownBackend(f"no backend named {req.backend!r}; configured: {', '.join(self.pools)}")
+        log.info("operator %s: backend=%s", req.op, req.backend)
+        {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
+        return {"backend": req.backend, "state": pool.state.value}
+
+    # ---- shutdown ----------------------------------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self.pending)
+
+    def _drain(self) -> None:
+        """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest."""
+        self.accepting = False
+        log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.pending), self.config.drain_timeout_s)
+        self._stop_requested = False
+        self._loop(until=time.monotonic() + self.config.drain_timeout_s)
+        for p in list(self.pending.values()):
+            self.answer_error(p, ShuttingDown("the server shut down before this request finished"))
+
+    def _shutdown_workers(self) -> None:
+        """STOP each worker, then SIGTERM, then SIGKILL whatever is left; nothing outlives us."""
+        workers = [w for pool in self.pools.values() for w in pool.workers.values() if w.proc is not None]
+        for w in workers:
+            if w.state == WState.READY:
+                self.send_stop(w)
+            else:
+                w.signal(signal.SIGTERM)
+        grace = max(p.cfg.policy.stop_timeout_s for p in self.pools.values())
+        for sig, wait in ((None, grace), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+            alive = [w for w in workers if w.proc.poll() is None]
+            for w in alive:
+                if sig is not None:
+                    w.signal(sig)
+            end = time.monotonic() + wait
+            for w in alive:
+                try:
+                    w.proc.wait(timeout=max(0.01, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        for w in workers:
+            log.info("worker exit: backend=%s wid=%s pid=%s reason=shutdown (%s)", w.cfg.name, w.wid, w.pid,
+                     describe_exit(w.proc.poll()))
+            w.close_lifeline()
+
+    def _close(self) -> None:
+        self.front.close(0)
+        self.back.close(0)
+        self.ctx.term()
+        self._wake_r.close()
+        self._wake_w.close()
+        if self.config.endpoint.startswith("ipc://"):
+            Path(self.config.endpoint[len("ipc://"):]).unlink(missing_ok=True)
+        shutil.rmtree(self._rundir, ignore_errors=True)
+        log.info("supervisor stopped")
+
+
+def _ipc_in_use(path: Path) -> bool:
+    """True when another live process listens on this ipc path (so we must not steal it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
