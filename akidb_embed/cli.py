@@ -25,7 +25,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.endpoint:
         from dataclasses import replace
         config = replace(config, endpoint=args.endpoint)
-    return Supervisor(config).run()
+    try:
+        return Supervisor(config).run()
+    except ConfigError as exc:  # e.g. the endpoint is already served by another supervisor
+        print(f"akidb-embed: {exc}", file=sys.stderr)
+        return 2
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -151,7 +151,10 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            msg = parse_response(await self._sock.recv())
+            try:
+                msg = parse_response(await self._sock.recv())
+            except ValueError:  # not an answer of this protocol: nobody can be waiting for it
+                continue
             fut = self._waiting.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)

@@ -139,9 +139,6 @@ class Worker:
         groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
                              self.s.max_batch_size, self.s.max_batch_tokens)
         truncated = [0] * len(live)
-        for (slot, _), n in zip(slots, lengths):
-            if n > self.info.max_tokens:
-                truncated[slot.job] += 1
         for group in groups:
             self._run_group(live, group, truncated)
 
@@ -157,11 +154,16 @@ class Worker:
         if not todo:
             return
         try:
-            out = self.backend.embed([jobs[s.job].request.texts[s.row] for s in todo]).vectors
+            out = self.backend.embed([jobs[s.job].request.texts[s.row] for s in todo])
         except Exception as exc:
             self._group_failed(jobs, todo, truncated, exc)
             return
-        self._store(jobs, todo, out, truncated)
+        if out.truncated_rows is None and out.truncated and len({s.job for s in todo}) == 1:
+            truncated[todo[0].job] += out.truncated   # no per-row flags, but one owner: the count is exact
+        else:
+            for i, slot in enumerate(todo):
+                truncated[slot.job] += out.row_truncated(i)
+        self._store(jobs, todo, out.vectors, truncated)
 
     def _group_failed(self, jobs: list[Job], todo: list[Slot], truncated: list[int], exc: Exception) -> None:
         owners = sorted({s.job for s in todo})

@@ -25,6 +25,10 @@ class ModelInfo:
 class EmbedOutput:
     vectors: np.ndarray   # float32, shape (len(texts), dim), C-contiguous
     truncated: int = 0    # how many of the texts were cut at max_tokens
+    truncated_rows: Sequence[bool] | None = None  # per text: was it cut? (lets the worker split counts by request)
+
+    def row_truncated(self, i: int) -> bool:
+        return bool(self.truncated_rows[i]) if self.truncated_rows is not None else False
 
 
 class Backend(ABC):
@@ -50,7 +54,7 @@ class Backend(ABC):
         """Embed a batch. Vectors are the model's own output (the worker applies ``normalize``)."""
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Token count estimate used to group texts of similar length. Override with a real tokenizer."""
+        """Token counts (after truncation) used to group texts of similar length. Override with a real tokenizer."""
         return [len(t) // 4 + 2 for t in texts]
 
     def close(self) -> None:
