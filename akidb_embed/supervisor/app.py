@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from akidb_embed.protocol.messages import (
     ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
     ok_response, parse_header, parse_request, worker_header,
 )
-from akidb_embed.supervisor.config import Config
+from akidb_embed.supervisor.config import Config, ConfigError
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -47,6 +48,7 @@ class Supervisor:
         self._seq = 0
         self._by_fd: dict[int, WorkerProcess] = {}
         self._wid_pool: dict[str, BackendPool] = {}
+        self._exiting: list[tuple[WorkerProcess, float]] = []   # lifeline closed, exit code not collected yet
         self.poller = zmq.Poller()
         self.accepting = True
         self.started = time.monotonic()
@@ -60,12 +62,24 @@ class Supervisor:
         self.front.setsockopt(zmq.RCVHWM, 100_000)
         self.front.setsockopt(zmq.SNDHWM, 100_000)
         endpoint = self.config.endpoint
-        if endpoint.startswith("ipc://"):
-            path = Path(endpoint[len("ipc://"):])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and not _ipc_in_use(path):
-                path.unlink()  # a stale socket file left by a killed supervisor
-        self.front.bind(endpoint)
+        try:
+            if endpoint.startswith("ipc://"):
+                path = Path(endpoint[len("ipc://"):])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.exists():
+                    # libzmq unlinks an existing ipc path on bind: check first, or we steal a live server's socket
+                    if _ipc_in_use(path):
+                        raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r} is in use by "
+                                          "another running server")
+                    path.unlink()  # a stale socket file left by a killed supervisor
+            self.front.bind(endpoint)
+        except (ConfigError, zmq.ZMQError, OSError) as exc:
+            self.front.close(0)
+            self.ctx.term()
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{self.config.source}: cannot listen on server.endpoint = {endpoint!r}: {exc}") from exc
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
@@ -143,8 +157,14 @@ class Supervisor:
             nd = self.deadlines.next_deadline()
             if nd is not None:
                 timeout = min(timeout, max(0.0, nd - time.time()))
-            events = dict(self.poller.poll(timeout * 1000))
+            if self._exiting:
+                timeout = min(timeout, 0.005)
+            # whole milliseconds, rounded up: zmq truncates a float timeout, and poll(0.7) would spin
+            # (no sleep at all) through the last millisecond before every tick and deadline
+            events = dict(self.poller.poll(math.ceil(timeout * 1000)))
             self._handle_events(events)
+            if self._exiting:
+                self._reap_exiting(time.monotonic())
             self._expire(time.time())
             if time.monotonic() >= next_tick:
                 wall, now = time.time(), time.monotonic()
@@ -188,6 +208,7 @@ class Supervisor:
             self._reply(frames[:1], error_response(None, BadRequest(
                 f"expected one msgpack frame per request, got {len(frames) - 1}")))
             return
+        req = None
         try:
             req = parse_request(body)
             self._dispatch(route, body, req)
@@ -265,11 +286,27 @@ class Supervisor:
             pool.on_load_failed(w, header.get("error") or {})
 
     def _on_worker_exit(self, w: WorkerProcess) -> None:
-        code = w.reap(timeout=2.0)
-        if code is None:  # lifeline closed but the process lives on: end it
-            w.signal(signal.SIGKILL)
-            code = w.reap(timeout=2.0)
+        """Its lifeline closed: collect the exit code, without blocking the loop (it serves every backend)."""
+        code = w.reap(timeout=0.005)
+        if code is None:  # not reaped yet (the fd closes a moment before), or it closed the fd and lives on
+            fd = w.lifeline_fd()
+            self._by_fd.pop(fd, None)
+            self.poller.unregister(fd)
+            w.close_lifeline()
+            self._exiting.append((w, time.monotonic()))
+            return
         self.pools[w.cfg.name].on_exit(w, code)
+
+    def _reap_exiting(self, now: float) -> None:
+        for item in list(self._exiting):
+            w, since = item
+            code = w.proc.poll()
+            if code is None:
+                if now - since > 2.0:  # lifeline closed but the process lives on: end it
+                    w.signal(signal.SIGKILL)
+                continue
+            self._exiting.remove(item)
+            self.pools[w.cfg.name].on_exit(w, code)
 
     # ---- operations -------------------------------------------------------------------------------
     def _op_info(self) -> dict[str, Any]:

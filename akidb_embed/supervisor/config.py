@@ -15,6 +15,17 @@ PROVIDER_KINDS = {"mlx": "mlx", "python-bridge": "onnx", "mock": "mock", "onnx":
                   "sentence-transformers": "sentence-transformers", "torch": "sentence-transformers"}
 
 
+# Kind-specific keys of a [backends.NAME] table (documented in config.toml and each backend module).
+_MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"}
+OPTION_KEYS: dict[str, set[str]] = {
+    "mock": {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file", "crash_on",
+             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"},
+    "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize"},
+    "sentence-transformers": _MODEL_KEYS | {"device", "threads"},
+    "mlx": set(_MODEL_KEYS),
+}
+
+
 class ConfigError(Exception):
     """A configuration problem, naming the file, the key and what is allowed."""
 
@@ -113,10 +124,8 @@ def _backend(src: str, name: str, table: Any, policy: Policy) -> BackendConfig:
         raise ConfigError(f"{src}: {where}.kind = {kind!r} is not a backend kind; allowed: {', '.join(KINDS)}")
     plain = {k: _check_value(src, where, k, v) for k, v in table.items() if k in _BACKEND_KEYS}
     options = {k: v for k, v in table.items() if k not in _BACKEND_KEYS and k not in _POLICY_KEYS}
+    _check_keys(src, where, table, OPTION_KEYS[PROVIDER_KINDS[kind]] | _BACKEND_KEYS | set(_POLICY_KEYS))
     if kind == "mock":
-        mock_keys = {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "crash_on", "hang_on", "fail_on",
-                     "leak_mb_per_request", "max_tokens"}
-        _check_keys(src, where, table, mock_keys | _BACKEND_KEYS | set(_POLICY_KEYS))
         plain.setdefault("model", "mock")
     plain["kind"] = PROVIDER_KINDS[kind]
     python = plain.get("python")
@@ -160,9 +169,6 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{src}: [backends] must hold at least one [backends.NAME] table")
     backends = {name: _backend(src, name, table, policy) for name, table in tables.items()}
-    for name, backend in backends.items():
-        allowed = _BACKEND_KEYS | set(_POLICY_KEYS) | set(backend.options)
-        _check_keys(src, f"backends.{name}", tables[name], allowed)
     default = server.get("default_backend", next(iter(backends)))
     if default not in backends:
         raise ConfigError(f"{src}: server.default_backend = {default!r} names no backend; "

@@ -57,6 +57,7 @@ class BackendPool:
         self.last_exit: str | None = None
         self.ever_ready = False
         self.restarts = 0
+        self.recycles = 0                            # workers replaced gracefully (memory, max requests, restart)
         self.served = 0
         self.model_info: dict[str, Any] | None = None
         self._gen = 0
@@ -151,6 +152,7 @@ class BackendPool:
             if old is None or old.state not in (WState.STARTING, WState.READY):
                 continue
             log.info("worker recycle: backend=%s wid=%s reason=%s", self.cfg.name, wid, reason)
+            old.recycle_reason = reason
             self.replacing[self._spawn().wid] = wid
 
     # ---- requests ----------------------------------------------------------------------------
@@ -175,13 +177,14 @@ class BackendPool:
             return
         lane = None
         if self.suspects:  # keep one worker free of new work so suspects can run alone on it
-            lane = min(ready, key=lambda w: len(w.inflight))
+            lane = next((w for w in ready if w.isolating), None) or min(ready, key=lambda w: len(w.inflight))
             while self.suspects and not lane.inflight:
                 p = self.suspects.popleft()
                 if not p.answered:
                     lane.isolating = True
                     self._send(lane, p)
-        others = [w for w in ready if w is not lane]
+        # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
+        others = [w for w in ready if w is not lane and not w.isolating]
         limit = self.cfg.max_inflight
         while self.queue and others:
             w = min(others, key=lambda w: len(w.inflight))
@@ -261,6 +264,9 @@ class BackendPool:
         if w.wid in self.replacing:       # a replacement that died: the old worker keeps serving
             self.replacing.pop(w.wid)
             self._next_replacement()
+        if planned and w.recycle_reason:
+            self.recycles += 1
+            self.last_exit = f"{w.wid}: recycled ({w.recycle_reason}); {reason}"
         if planned or w.load_error or self.stopped or self.failed_until is not None:
             self.pump()
             return
@@ -279,16 +285,19 @@ class BackendPool:
         """Answer or re-run every request the dead worker held; find the poison input if there is one."""
         held = list(w.inflight.values())
         w.inflight.clear()
-        if w.isolating and len(held) == 1 and not (w.kill_reason is None and w.state == WState.DRAINING):
+        # Isolated = it ran alone: a suspect re-run on its own, or the one request of a hung worker (a hang
+        # is not re-run: its client already had TIMEOUT, so there is no second chance to isolate it).
+        if (w.isolating or w.hung) and len(held) == 1 and not (w.kill_reason is None and w.state == WState.DRAINING):
             p = held[0]
             seconds = self.cfg.policy.quarantine_s
-            self.host.quarantine.add(p.texts, seconds, f"this input crashed a {self.cfg.name} worker ({reason})")
+            what = "hung" if w.hung else "crashed"
+            self.host.quarantine.add(p.texts, seconds, f"this input {what} a {self.cfg.name} worker ({reason})")
             log.warning("poison input: backend=%s request=%r texts=%d quarantined=%.0fs reason=%s",
                         self.cfg.name, p.rid, len(p.texts), seconds, reason)
             if not p.answered:
                 self.host.answer_error(p, PoisonInput(
-                    f"this input crashed the {self.cfg.name} worker twice ({reason}); it is refused for "
-                    f"{seconds:.0f} s"))
+                    f"this input {what} the {self.cfg.name} worker{'' if w.hung else ' twice'} ({reason}); "
+                    f"it is refused for {seconds:.0f} s"))
             return
         now = time.time()
         for p in sorted((p for p in held if not p.answered), key=lambda p: p.seq, reverse=True):
@@ -326,6 +335,8 @@ class BackendPool:
             self._kill(w, f"no heartbeat for {now - w.last_heartbeat:.1f} s (stopped or deadlocked)")
         elif w.state in (WState.READY, WState.DRAINING) and any(
                 q.deadline + p.hang_grace_s < wall for q in w.inflight.values()):
+            # heartbeats still arrive, so its main thread is stuck on the input (not a stopped process)
+            w.hung = now - w.last_heartbeat <= max(1.0, 3 * p.heartbeat_interval_s)
             self._kill(w, f"held a request more than hang_grace_s = {p.hang_grace_s:g} past its deadline")
         elif w.state == WState.DRAINING and not w.inflight:
             w.state = WState.STOPPING
@@ -350,7 +361,7 @@ class BackendPool:
                         for w in workers],
             "pids": [w.pid for w in workers],
             "uptime_s": round(max((w.uptime() for w in workers if w.state == WState.READY), default=0.0), 3),
-            "restarts": self.restarts, "last_exit": self.last_exit,
+            "restarts": self.restarts, "recycles": self.recycles, "last_exit": self.last_exit,
             "queue": len(self.queue) + len(self.suspects),
             "in_flight": sum(len(w.inflight) for w in workers), "served": self.served,
             "rss_mb": round(sum(w.rss for w in workers) / 2**20, 1),

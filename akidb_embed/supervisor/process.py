@@ -57,6 +57,8 @@ class WorkerProcess:
         self.info: dict[str, Any] | None = None
         self.load_error: dict[str, Any] | None = None
         self.kill_reason: str | None = None     # why the supervisor ended it, when it did
+        self.hung = False                       # killed for holding a request past its deadline (heartbeats alive)
+        self.recycle_reason: str | None = None  # why it is being replaced gracefully, when it is
         self.stop_stage_at: float | None = None
         self._ps: psutil.Process | None = None
 

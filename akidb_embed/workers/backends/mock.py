@@ -1,7 +1,8 @@
 """Deterministic mock backend with fault injection, for tests of the bridge and of host applications.
 
 Options (all optional): ``dim`` (384), ``delay_ms`` (per batch), ``startup_delay_ms``,
-``startup_crash`` (exit during load), ``crash_on`` (a text that kills the process abruptly),
+``startup_crash`` (exit during load), ``startup_crash_file`` (a path: exit during load while that
+file exists, so a test can end a crash loop by deleting it), ``crash_on`` (a text that kills the process abruptly),
 ``hang_on`` (a text that blocks embed forever), ``fail_on`` (a text answered with an error),
 ``leak_mb_per_request`` (memory kept per embed call), ``max_tokens`` (512).
 """
@@ -41,6 +42,9 @@ class MockBackend(Backend):
             time.sleep(startup_delay)
         if self.options.get("startup_crash"):
             os._exit(3)
+        crash_file = self.options.get("startup_crash_file")
+        if crash_file and os.path.exists(crash_file):
+            os._exit(3)
         return ModelInfo(model=self.model or "mock", dim=self.dim, max_tokens=self.max_tokens,
                          extra={"deterministic": True})
 
@@ -49,16 +53,17 @@ class MockBackend(Backend):
         if self.delay_s:
             time.sleep(self.delay_s)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        truncated = 0
+        cut = [False] * len(texts)
         for i, text in enumerate(texts):
-            if len(text.split()) > self.max_tokens:
-                truncated += 1
-                text = " ".join(text.split()[: self.max_tokens])
+            words = text.split()
+            if len(words) > self.max_tokens:
+                cut[i] = True
+                text = " ".join(words[: self.max_tokens])
             out[i] = mock_vector(text, self.dim)
-        return EmbedOutput(out, truncated)
+        return EmbedOutput(out, sum(cut), cut)
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        return [len(t.split()) + 2 for t in texts]
+        return [min(len(t.split()), self.max_tokens) + 2 for t in texts]
 
     def _inject_faults(self, texts: Sequence[str]) -> None:
         opts = self.options
