@@ -1,6 +1,7 @@
 """Shared test helpers: start a real supervisor (real worker subprocesses) from a TOML snippet."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,6 +87,16 @@ class Server:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def shutdown(self) -> None:
+        """Stop the server and make sure none of its workers outlives the test."""
+        children = self.children()
+        self.stop()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -115,10 +126,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     yield start
     for server in servers:
-        children = server.children()
-        server.stop()
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        server.shutdown()
+
+
+@contextlib.contextmanager
+def running_server(tmp: Path, config_body: str, timeout: float = 60.0) -> Iterator[Server]:
+    """A ready server for a module-scoped fixture; shut down (with its workers) on exit."""
+    server = Server(tmp, config_body)
+    try:
+        server.wait_ready(timeout)
+        yield server
+    finally:
+        server.shutdown()

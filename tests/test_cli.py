@@ -46,20 +46,10 @@ def expected(text: str, dim: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module (each test leaves it READY as it found it)."""
-    from conftest import Server
+    from conftest import running_server
 
-    srv = Server(tmp_path_factory.mktemp("cli"), CONFIG)
-    try:
-        srv.wait_ready(60)
+    with running_server(tmp_path_factory.mktemp("cli"), CONFIG) as srv:
         yield srv
-    finally:
-        children = srv.children()
-        srv.stop()
-        for child in children:
-            try:
-                child.kill()
-            except Exception:
-                pass
 
 
 def test_embed_with_backend_and_endpoint(server):

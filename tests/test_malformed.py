@@ -77,20 +77,10 @@ CASES = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for every malformed frame: it must survive all of them."""
-    from conftest import Server
+    from conftest import running_server
 
-    srv = Server(tmp_path_factory.mktemp("malformed"), CONFIG)
-    try:
-        srv.wait_ready(60)
+    with running_server(tmp_path_factory.mktemp("malformed"), CONFIG) as srv:
         yield srv
-    finally:
-        children = srv.children()
-        srv.stop()
-        for child in children:
-            try:
-                child.kill()
-            except Exception:
-                pass
 
 
 def dealer(endpoint: str) -> zmq.Socket:

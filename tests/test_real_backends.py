@@ -75,13 +75,7 @@ def assert_parity(vectors: np.ndarray, expected: np.ndarray, floor: float, texts
 
 
 def stop_server(server: Server) -> None:
-    children = server.children()
-    server.stop()
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    server.shutdown()
 
 
 def mapped_libraries(pid: int) -> set[str]:
