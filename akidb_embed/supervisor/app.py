@@ -31,7 +31,7 @@ from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.05            # housekeeping period: liveness, restarts, memory
+TICK_S = 0.2             # housekeeping period: liveness, draining, memory (scheduled restarts are exact)
 MAX_MESSAGE_BYTES = 64 * 2**20
 
 
@@ -153,6 +153,7 @@ class Supervisor:
         next_tick = time.monotonic()
         while not self._stop_requested if until is None else (time.monotonic() < until and self._busy()):
             now = time.monotonic()
+            next_tick = min([next_tick] + [t for pool in self.pools.values() for t in pool.respawn_at])
             timeout = max(0.0, next_tick - now)
             nd = self.deadlines.next_deadline()
             if nd is not None:
