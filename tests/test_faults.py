@@ -301,7 +301,8 @@ def test_memory_leak_recycles_gracefully(serve):
     b = poll_until(lambda: (b := backend(server, "m"))["state"] == "READY" and pid not in b["pids"] and b, 15)
     assert b["recycles"] >= 1 and "memory_limit_mb" in b["last_exit"], b
     assert b["restarts"] == 0                      # a recycle is not a crash
-    assert all(w["rss_mb"] < 400 for w in b["workers"])
+    # once the leaking stops, whatever worker is over the limit is replaced too: memory comes back under it
+    poll_until(lambda: all(w["rss_mb"] < 250 for w in backend(server, "m")["workers"]), 15, 0.2)
     poll_until(lambda: gone(pid), 10)
 
 

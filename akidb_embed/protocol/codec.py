@@ -1,13 +1,16 @@
 """Bytes <-> Python values: msgpack framing and the float32/float16 vector blob."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 
-# Wire dtype name -> numpy little-endian dtype. Vectors travel as one row-major blob.
-DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+if TYPE_CHECKING:
+    import numpy as np
+
+# Wire dtype name -> numpy little-endian dtype. Vectors travel as one row-major blob. numpy is
+# imported only where vectors are made or read (workers, clients), never by the supervisor.
+DTYPES: dict[str, str] = {"float32": "<f4", "float16": "<f2"}
 
 
 def pack(obj: Any) -> bytes:
@@ -19,12 +22,14 @@ def unpack(frame: bytes) -> Any:
     return msgpack.unpackb(frame, raw=False)
 
 
-def vectors_to_blob(vectors: np.ndarray, dtype: str = "float32") -> bytes:
+def vectors_to_blob(vectors: "np.ndarray", dtype: str = "float32") -> bytes:
     """(n, dim) array -> little-endian row-major bytes of the wire dtype, with no per-float work."""
+    import numpy as np
     return np.ascontiguousarray(vectors, dtype=DTYPES[dtype]).tobytes()
 
 
-def blob_to_vectors(data: bytes, shape: list[int] | tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+def blob_to_vectors(data: bytes, shape: list[int] | tuple[int, ...], dtype: str = "float32") -> "np.ndarray":
     """Inverse of :func:`vectors_to_blob`; returns a float32 array in native byte order."""
+    import numpy as np
     arr = np.frombuffer(data, dtype=DTYPES[dtype]).reshape(tuple(shape))
     return arr.astype(np.float32)

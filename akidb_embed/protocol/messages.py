@@ -11,12 +11,13 @@ Two conversations use these frames:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Union
 
 from akidb_embed.protocol.codec import DTYPES, pack, unpack, vectors_to_blob
 from akidb_embed.protocol.errors import BadRequest, EmbedError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROTOCOL_VERSION = 1
 MAX_TEXTS_PER_REQUEST = 4096
@@ -141,7 +142,7 @@ def error_response(rid: Any, err: EmbedError) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": err.to_wire()})
 
 
-def embed_response(rid: Any, vectors: np.ndarray, *, dtype: str, backend: str, model: str,
+def embed_response(rid: Any, vectors: "np.ndarray", *, dtype: str, backend: str, model: str,
                    truncated: int) -> bytes:
     return ok_response(rid, shape=list(vectors.shape), dtype=dtype, data=vectors_to_blob(vectors, dtype),
                        backend=backend, model=model, truncated=truncated)

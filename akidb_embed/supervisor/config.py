@@ -20,7 +20,7 @@ _MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"}
 OPTION_KEYS: dict[str, set[str]] = {
     "mock": {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file", "crash_on",
              "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"},
-    "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize"},
+    "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"},
     "sentence-transformers": _MODEL_KEYS | {"device", "threads"},
     "mlx": set(_MODEL_KEYS),
 }
@@ -62,7 +62,7 @@ class BackendConfig:
     timeout_s: float | None = None       # per-backend request deadline (else policy.request_timeout_s)
     max_queue: int = 1024                # requests waiting in the supervisor; past it: OVERLOADED
     max_inflight: int = 64               # requests handed to one worker at a time
-    max_batch_size: int = 32             # texts in one forward pass
+    max_batch_size: int = 16             # texts in one forward pass (16 measured best on CPU)
     max_batch_tokens: int = 4096         # padded tokens (longest x count) in one forward pass
     memory_limit_mb: float | None = None # worker RSS past this -> recycled gracefully
     max_requests_per_worker: int | None = None

@@ -31,7 +31,7 @@ class WorkerSettings:
     endpoint: str                     # the supervisor's worker socket
     options: dict[str, Any] = field(default_factory=dict)
     heartbeat_s: float = 0.5
-    max_batch_size: int = 32
+    max_batch_size: int = 16
     max_batch_tokens: int = 4096
 
 
