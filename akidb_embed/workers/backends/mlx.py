@@ -72,20 +72,11 @@ class MlxBackend(Backend):
         n = len(texts)
         if n == 0:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
-        encodings = self._encode(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.full((n, width), self._pad_id, dtype=np.int32)
-        mask = np.zeros((n, width), dtype=np.int32)
-        types = np.zeros((n, width), dtype=np.int32)
-        for i, enc in enumerate(encodings):
-            ids[i, :len(enc.ids)] = enc.ids
-            mask[i, :len(enc.ids)] = 1
-            types[i, :len(enc.ids)] = enc.type_ids
+        ids, mask, types, cut = models.pad_batch(self._encode(texts), self._pad_id, "int32")
         mx = self._mx
         out = self._model(mx.array(ids), token_type_ids=mx.array(types), attention_mask=mx.array(mask))
         hidden = np.asarray(out.last_hidden_state.astype(mx.float32))
         vectors = models.pool(hidden, mask, self._config.pooling, self._config.normalize)
-        cut = [bool(e.overflowing) for e in encodings]
         return EmbedOutput(vectors, sum(cut), cut)
 
     def close(self) -> None:

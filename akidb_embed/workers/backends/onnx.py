@@ -143,18 +143,7 @@ class OnnxBackend(Backend):
         n = len(texts)
         if n == 0:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
-        encodings = self._encode(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.full((n, width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        types = np.zeros((n, width), dtype=np.int64)
-        cut = [False] * n
-        for i, enc in enumerate(encodings):
-            length = len(enc.ids)
-            ids[i, :length] = enc.ids
-            mask[i, :length] = 1
-            types[i, :length] = enc.type_ids
-            cut[i] = bool(enc.overflowing)
+        ids, mask, types, cut = models.pad_batch(self._encode(texts), self._pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         hidden = self._session.run([self._output], {k: feeds[k] for k in self._inputs})[0]
         vectors = models.pool(hidden, mask, self._config.pooling, self._config.normalize)
