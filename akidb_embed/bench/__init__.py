@@ -22,9 +22,9 @@ the supervisor's CPU per request is ``delta(cpu_s) / requests`` over exactly tha
 thread in the bench process samples the peak RSS of the supervisor and of each worker with psutil every 0.5 s.
 
 The corpus is deterministic: short (5-20 tokens) and medium (35-100 tokens) English texts drawn
-from the word list in :mod:`.corpus` with a fixed seed.
+from the word list in :mod:`.workload` with a fixed seed.
 
-Modules: :mod:`.corpus` (the corpus and latency statistics), :mod:`.phases` (in-process phase,
+Modules: :mod:`.workload` (the corpus and latency statistics), :mod:`.phases` (in-process phase,
 self-started supervisor, RSS sampler, driving the load generator), :mod:`.loadgen` (the load
 generator process), :mod:`.report` (ratios, targets, table, plot), :mod:`.command` (the parser and
 :func:`run_bench`). Importing this package must stay cheap (no numpy, no model runtime): the CLI
