@@ -84,7 +84,8 @@ class Server:
             return []
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def shutdown(self) -> None:
