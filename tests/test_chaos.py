@@ -59,7 +59,7 @@ def attacked_workers(server) -> list[psutil.Process]:
     return out
 
 
-def test_chaos_random_worker_kills(serve):
+def test_chaos_random_worker_kills(serve, capsys):
     server = serve(CONFIG)
     rng = random.Random(4)
     kills = 0
@@ -158,18 +158,21 @@ def test_chaos_random_worker_kills(serve):
                   for r in answers if answers[r][1] - sent[r][1] > TIMEOUT_S + SLACK_S)
     status = server.status()["backends"]
     waits = sorted(answers[r][1] - sent[r][1] for r in answers)
-    print(f"\nchaos: {elapsed:.1f} s, {kills} workers SIGKILLed, attacked restarts={status['attacked']['restarts']}")
-    print(f"chaos: sent={len(sent)} answered={len(answers)} lost={len(lost)} duplicates={len(duplicates)} "
-          f"unknown={len(unknown)}")
+    report = [f"chaos: {elapsed:.1f} s, {kills} workers SIGKILLed, attacked restarts={status['attacked']['restarts']}",
+              f"chaos: sent={len(sent)} answered={len(answers)} lost={len(lost)} duplicates={len(duplicates)} "
+              f"unknown={len(unknown)}"]
     for name in quota:
         counts = by_backend[name]
-        print(f"chaos: {name}: sent={sent_by[name]} ok={counts.get('OK', 0)} "
-              + " ".join(f"{code}={n}" for code, n in sorted(counts.items()) if code != "OK"))
-    print(f"chaos: answer time p50={waits[len(waits) // 2] * 1000:.0f} ms "
-          f"p99={waits[len(waits) * 99 // 100] * 1000:.0f} ms max={waits[-1] * 1000:.0f} ms (deadline {TIMEOUT_S * 1000:.0f} ms)")
-    print(f"chaos: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"chaos: answers later than deadline + {SLACK_S * 1000:.0f} ms: {len(late)}"
-          + (f"; worst {late[-1][0] * 1000:.0f} ms past the deadline ({late[-1][2]}, {late[-1][3]})" if late else ""))
+        report.append(f"chaos: {name}: sent={sent_by[name]} ok={counts.get('OK', 0)} "
+                      + " ".join(f"{code}={n}" for code, n in sorted(counts.items()) if code != "OK"))
+    report += [f"chaos: answer time p50={waits[len(waits) // 2] * 1000:.0f} ms "
+               f"p99={waits[len(waits) * 99 // 100] * 1000:.0f} ms max={waits[-1] * 1000:.0f} ms "
+               f"(deadline {TIMEOUT_S * 1000:.0f} ms)",
+               f"chaos: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+               f"chaos: answers later than deadline + {SLACK_S * 1000:.0f} ms: {len(late)}"
+               + (f"; worst {late[-1][0] * 1000:.0f} ms past the deadline ({late[-1][2]}, {late[-1][3]})" if late else "")]
+    with capsys.disabled():   # the counts are part of the result: shown even without -s (CI runs pytest -q)
+        print("\n" + "\n".join(report))
 
     assert sent_by["attacked"] > 300 and sent_by["calm"] > 300, sent_by   # the run did real work
     assert kills >= 20, kills

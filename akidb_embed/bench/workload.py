@@ -42,7 +42,7 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def corpus(kind: str, n: int = CORPUS_SIZE, seed: int = SEED) -> list[str]:
-    """``n`` deterministic texts: ``kind`` is "short" (5-20 tokens) or "medium" (35-100 tokens)."""
+    """``n`` deterministic texts: ``kind`` is "short" (6-20 tokens) or "medium" (36-99 tokens)."""
     lo, hi = {"short": SHORT_WORDS, "medium": MEDIUM_WORDS}[kind]
     rng = random.Random(f"{seed}:{kind}")
     return [_sentence(rng, lo, hi) for _ in range(n)]

@@ -159,7 +159,7 @@ def parse_response(frame: bytes) -> dict[str, Any]:
 
 class WorkerMsg:
     """The ``t`` field of a worker-channel header."""
-    EMBED = "embed"      # sup -> worker: [header{t, seq, deadline, backend}, client request frame]
+    EMBED = "embed"      # sup -> worker: [header{t, seq, deadline}, client request frame]
     STOP = "stop"        # sup -> worker: [header{t}]: finish what you hold, then exit 0
     READY = "ready"      # worker -> sup: [header{t, wid, pid, info}]
     FAIL = "fail"        # worker -> sup: [header{t, wid, pid, error}]: could not load; exits next

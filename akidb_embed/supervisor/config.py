@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,6 +89,8 @@ _SERVER_KEYS = {"endpoint", "default_backend"}
 _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
              "max_requests_per_worker", "restart_max"}
+_POSITIVE_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
+                  "max_requests_per_worker"}
 _STR_KEYS = {"kind", "model", "python", "endpoint", "default_backend"}
 
 
@@ -95,8 +100,9 @@ def _check_value(src: str, where: str, key: str, value: Any) -> Any:
             raise ConfigError(f"{src}: {where}.{key} must be a non-empty string, got {value!r}")
         return value
     ok = isinstance(value, int) if key in _INT_KEYS else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value < 0 or (key == "replicas" and value < 1):
-        kind = "a positive integer" if key in _INT_KEYS else "a non-negative number"
+    if isinstance(value, bool) or not ok or value < 0 or (key in _POSITIVE_KEYS and value < 1):
+        kind = ("a positive integer" if key in _POSITIVE_KEYS else "a non-negative integer") if key in _INT_KEYS \
+            else "a non-negative number"
         raise ConfigError(f"{src}: {where}.{key} must be {kind}, got {value!r}")
     return value
 

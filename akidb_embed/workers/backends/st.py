@@ -1,7 +1,7 @@
 """sentence-transformers (PyTorch) backend: the reference implementation the others are compared to.
 
 Options (all optional): ``device`` ("cpu"), ``threads`` (torch.set_num_threads), ``cache_dir``,
-``allow_download`` (True).
+``allow_download`` (True), ``max_seq_length`` (default: the model's own, from sentence_bert_config.json).
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ class SentenceTransformersBackend(Backend):
             self._model = SentenceTransformer(str(model_dir), device=device)
         except Exception as exc:  # torch/transformers raise many types for a bad model dir or device
             raise BackendUnavailable(f"sentence-transformers cannot load {model_dir} on {device}: {exc}") from exc
+        if self.options.get("max_seq_length"):
+            self._model.max_seq_length = int(self.options["max_seq_length"])
         self.max_tokens = int(self._model.max_seq_length)
         dim = int(self.embed(["warm-up"]).vectors.shape[1])
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
