@@ -13,13 +13,14 @@ import zmq
 import zmq.asyncio
 
 from akidb_embed.protocol.codec import blob_to_vectors
-from akidb_embed.protocol.errors import EmbedError, Timeout, error_from_wire
+from akidb_embed.protocol.errors import EmbedError, InternalError, Timeout, error_from_wire
 from akidb_embed.protocol.messages import parse_response, request_frame
 from akidb_embed.supervisor.config import default_endpoint
 
 DEFAULT_WAIT_S = 120.0      # how long a call waits when it names no timeout (the server's deadline answers first)
 QUERY_WAIT_S = 10.0         # info / health / status / control
 GRACE_S = 2.0               # extra wait past a request's own timeout for the server's TIMEOUT answer
+MAX_POLL_S = 3600.0         # one poll at most this long (a longer one overflows zmq_poll's int timeout)
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,11 @@ class Client:
         end = time.monotonic() + wait_s
         while True:
             left = end - time.monotonic()
-            if left <= 0 or not self._sock.poll(left * 1000):
+            if left <= 0:
                 raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
                               "(is `akidb-embed serve` running there?)")
+            if not self._sock.poll(min(left, MAX_POLL_S) * 1000):  # zmq_poll takes an int of milliseconds
+                continue
             msg = parse_response(self._sock.recv())
             if msg.get("id") == rid:
                 return _result(msg)
@@ -146,6 +149,10 @@ class AsyncClient:
             except (asyncio.CancelledError, Exception):
                 pass
             self._reader = None
+        for fut in list(self._waiting.values()):  # nothing can answer them now: fail them, don't leave them hanging
+            if not fut.done():
+                fut.set_exception(InternalError("the AsyncClient was closed before the answer arrived"))
+        self._waiting.clear()
         if not self._sock.closed:
             self._sock.close(0)
 

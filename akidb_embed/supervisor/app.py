@@ -216,9 +216,12 @@ class Supervisor:
         elif len(frames) == 2:
             route, body = frames[:1], frames[1]
         else:
-            log.warning("bad request: %d frames from a client (expected one)", len(frames) - 1)
-            self._reply(frames[:1], error_response(None, BadRequest(
-                f"expected one msgpack frame per request, got {len(frames) - 1}")))
+            # keep a REQ client's empty delimiter in the reply envelope, or its socket drops the answer
+            route = frames[:2] if len(frames) > 3 and frames[1] == b"" else frames[:1]
+            got = len(frames) - len(route)
+            log.warning("bad request: %d frames from a client (expected one)", got)
+            self._reply(route, error_response(None, BadRequest(
+                f"expected one msgpack frame per request, got {got}")))
             return
         req = None
         try:
@@ -259,6 +262,10 @@ class Supervisor:
         pool.submit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
         self.pending[p.seq] = p
         self.deadlines.push(p)
+        if len(self.deadlines) > 2 * len(self.pending) + 64:
+            # answered entries leave the heap only from its top: behind one long-lived earlier deadline
+            # they (and their request frames) would pile up; drop them all now and then (amortized O(1))
+            self.deadlines.compact()
 
     def _expire(self, wall: float) -> None:
         for p in self.deadlines.pop_expired(wall):
@@ -286,16 +293,22 @@ class Supervisor:
         if w is None:
             return  # a message from a worker already gone
         w.last_heartbeat = time.monotonic()
-        if kind == WorkerMsg.DONE and len(frames) == 3:
-            p = pool.on_done(w, header.get("seq"))
-            if p is not None and not p.answered:
-                p.answered = True
-                self.pending.pop(p.seq, None)
-                self._reply(p.route, frames[2])
-        elif kind == WorkerMsg.READY:
-            pool.on_ready(w, header.get("info") or {})
-        elif kind == WorkerMsg.FAIL:
-            pool.on_load_failed(w, header.get("error") or {})
+        try:
+            if kind == WorkerMsg.DONE and len(frames) == 3:
+                seq = header.get("seq")
+                p = pool.on_done(w, seq) if type(seq) is int else None
+                if p is not None and not p.answered:
+                    p.answered = True
+                    self.pending.pop(p.seq, None)
+                    self._reply(p.route, frames[2])
+            elif kind == WorkerMsg.READY:
+                info = header.get("info")
+                pool.on_ready(w, info if isinstance(info, dict) else {})
+            elif kind == WorkerMsg.FAIL:
+                error = header.get("error")
+                pool.on_load_failed(w, error if isinstance(error, dict) else {})
+        except Exception:  # a bad frame must cost that frame, never the supervisor
+            log.exception("frame %r from worker %s dropped: internal error while handling it", kind, ident)
 
     def _on_worker_exit(self, w: WorkerProcess) -> None:
         """Its lifeline closed: collect the exit code, without blocking the loop (it serves every backend)."""

@@ -33,6 +33,14 @@ class DeadlineHeap:
     def push(self, p: Pending) -> None:
         heapq.heappush(self._heap, (p.deadline, p.seq, p))
 
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def compact(self) -> None:
+        """Drop every answered entry, not only those on top of the heap."""
+        self._heap = [entry for entry in self._heap if not entry[2].answered]
+        heapq.heapify(self._heap)
+
     def next_deadline(self) -> float | None:
         while self._heap and self._heap[0][2].answered:
             heapq.heappop(self._heap)

@@ -85,13 +85,26 @@ class BackendPool:
         for _ in range(self.cfg.replicas):
             self._spawn()
 
-    def _spawn(self) -> WorkerProcess:
+    def _spawn(self) -> WorkerProcess | None:
         self._gen += 1
         w = WorkerProcess(self.cfg, f"{self.cfg.name}.{self._gen}", self.host.worker_endpoint)
-        w.spawn()
+        try:
+            w.spawn()
+        except OSError as exc:  # interpreter gone, no fds or memory left: a crash like any other
+            self._start_failed(f"{w.wid} could not be started: {exc}")
+            return None
         self.workers[w.wid] = w
         self.host.watch(w)
         return w
+
+    def _start_failed(self, reason: str) -> None:
+        log.error("worker start failed: backend=%s reason=%s", self.cfg.name, reason)
+        self.last_exit = reason
+        delay = self.policy.record_crash(time.monotonic())
+        if delay is None:
+            self._mark_failed(reason)
+        else:
+            self.respawn_at.append(time.monotonic() + delay)
 
     def _kill(self, w: WorkerProcess, reason: str) -> None:
         """End a worker that misbehaves: SIGTERM now (SIGCONT so a stopped one sees it), SIGKILL later."""
@@ -153,7 +166,9 @@ class BackendPool:
                 continue
             log.info("worker recycle: backend=%s wid=%s reason=%s", self.cfg.name, wid, reason)
             old.recycle_reason = reason
-            self.replacing[self._spawn().wid] = wid
+            new = self._spawn()
+            if new is not None:
+                self.replacing[new.wid] = wid
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(self, p: Pending) -> None:

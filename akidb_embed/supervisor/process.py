@@ -76,6 +76,9 @@ class WorkerProcess:
         cmd = self.command() + ["--lifeline-fd", str(child_end.fileno())]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
         self.lifeline = parent_end

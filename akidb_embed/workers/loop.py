@@ -129,7 +129,11 @@ class Worker:
         slots = [(Slot(j, r), text) for j, job in enumerate(live) for r, text in enumerate(job.request.texts)]
         if not slots:
             return
-        lengths = self.backend.token_lengths([text for _, text in slots])
+        try:
+            lengths = self.backend.token_lengths([text for _, text in slots])
+        except Exception:  # only a grouping hint: fall back to the generic estimate, let embed report errors
+            log.exception("worker %s: token_lengths failed; grouping by estimate", self.s.wid)
+            lengths = Backend.token_lengths(self.backend, [text for _, text in slots])
         for (slot, _), length in zip(slots, lengths):
             live[slot.job].remaining += 1
         groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
