@@ -177,3 +177,36 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     assert "could not be started" in pool.last_exit
     pool.tick(_time.monotonic() + 60, _time.time())          # the retry fails too: past restart_max
     assert pool.state == BState.FAILED and "/nonexistent/python" in pool.last_exit
+
+
+def test_timed_out_requests_free_their_place_in_the_queue(serve):
+    """max_queue bounds requests still waiting: ones already answered TIMEOUT must not cause OVERLOADED."""
+    import threading
+
+    from akidb_embed import Client, Overloaded, Timeout
+    from conftest import poll_until
+
+    server = serve("""
+        [backends.m]
+        kind = "mock"
+        dim = 4
+        delay_ms = 1500
+        max_queue = 2
+        max_inflight = 1
+    """)
+    def occupy() -> None:
+        with Client(server.endpoint) as c:
+            c.embed(["busy"], timeout=10)
+
+    busy = threading.Thread(target=occupy, daemon=True)
+    busy.start()
+    poll_until(lambda: server.status()["backends"]["m"]["in_flight"] == 1, 5)
+    for i in range(2):                       # fill the queue with requests that will time out there
+        with pytest.raises(Timeout), Client(server.endpoint) as c:
+            c.embed([f"late {i}"], timeout=0.2)
+    with Client(server.endpoint) as c:       # the queue holds only answered requests: this one is accepted
+        try:
+            assert c.embed(["accepted"], timeout=10).shape == (1, 4)
+        except Overloaded as exc:
+            pytest.fail(f"refused although nothing is waiting: {exc}")
+    busy.join(10)

@@ -180,6 +180,8 @@ class BackendPool:
             wait = self.failed_until - time.monotonic()
             raise BackendUnavailable(f"backend {self.cfg.name!r} is FAILED ({self.last_exit}); "
                                      f"next attempt in {max(0.0, wait):.1f} s")
+        if len(self.queue) >= self.cfg.max_queue:  # requests already answered TIMEOUT no longer count
+            self.queue = deque(q for q in self.queue if not q.answered)
         if len(self.queue) >= self.cfg.max_queue:
             raise Overloaded(f"backend {self.cfg.name!r} has {len(self.queue)} requests waiting "
                              f"(max_queue = {self.cfg.max_queue}); retry later")
