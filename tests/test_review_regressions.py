@@ -168,7 +168,7 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
         def watch(self, w): raise AssertionError("a worker that never started is not watched")
         def unwatch(self, w): pass
         def answer_error(self, p, e): pass
-        def send_job(self, w, p): pass
+        def send_jobs(self, w, jobs): pass
         def send_stop(self, w): pass
 
     pool = BackendPool(cfg, Host())

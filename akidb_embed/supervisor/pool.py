@@ -35,7 +35,7 @@ class Host(Protocol):
     worker_endpoint: str
     quarantine: Quarantine
 
-    def send_job(self, w: WorkerProcess, p: Pending) -> None: ...
+    def send_jobs(self, w: WorkerProcess, jobs: list[Pending]) -> None: ...
     def send_stop(self, w: WorkerProcess) -> None: ...
     def answer_error(self, p: Pending, err: EmbedError) -> None: ...
     def watch(self, w: WorkerProcess) -> None: ...
@@ -192,6 +192,7 @@ class BackendPool:
         ready = [w for w in self.workers.values() if w.state == WState.READY]
         if not ready:
             return
+        outbox: dict[WorkerProcess, list[Pending]] = {}   # one multipart message per worker per pump
         lane = None
         if self.suspects:  # keep one worker free of new work so suspects can run alone on it
             lane = next((w for w in ready if w.isolating), None) or min(ready, key=lambda w: len(w.inflight))
@@ -199,7 +200,7 @@ class BackendPool:
                 p = self.suspects.popleft()
                 if not p.answered:
                     lane.isolating = True
-                    self._send(lane, p)
+                    self._assign(lane, p, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
         others = [w for w in ready if w is not lane and not w.isolating]
         limit = self.cfg.max_inflight
@@ -209,15 +210,18 @@ class BackendPool:
                 break
             p = self.queue.popleft()
             if not p.answered:
-                self._send(w, p)
+                self._assign(w, p, outbox)
+        for w, jobs in outbox.items():
+            self.host.send_jobs(w, jobs)
 
-    def _send(self, w: WorkerProcess, p: Pending) -> None:
+    @staticmethod
+    def _assign(w: WorkerProcess, p: Pending, outbox: dict[WorkerProcess, list[Pending]]) -> None:
         p.attempts += 1
         p.worker = w.wid
         w.inflight[p.seq] = p
-        self.host.send_job(w, p)
+        outbox.setdefault(w, []).append(p)
 
-    def on_done(self, w: WorkerProcess, seq: int) -> Pending | None:
+    def on_done(self, w: WorkerProcess, seq: int, pump: bool = True) -> Pending | None:
         p = w.inflight.pop(seq, None)
         if p is None:
             return None
@@ -228,7 +232,8 @@ class BackendPool:
         limit = self.cfg.max_requests_per_worker
         if limit and w.served >= limit and w.state == WState.READY:
             self._replace(w, f"served {w.served} requests (max_requests_per_worker = {limit})")
-        self.pump()
+        if pump:
+            self.pump()
         return p
 
     def _fail_waiting(self, err: EmbedError) -> None:

@@ -57,6 +57,7 @@ class Worker:
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None
         self.stopping = False
+        self._outbox: list[bytes] = []   # finished (header, answer) pairs waiting for _flush
 
     # ---- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -92,15 +93,18 @@ class Worker:
             return
         jobs: list[Job] = []
         while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # everything waiting, without a zmq.Again per turn
-            job = self._accept(self.sock.recv_multipart(zmq.NOBLOCK))
-            if job is not None:
-                jobs.append(job)
+            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            for i in range(0, len(frames), 2):   # a message holds one or more (header, request) pairs
+                job = self._accept(frames[i:i + 2])
+                if job is not None:
+                    jobs.append(job)
         if jobs:
             self.heartbeat.busy = True
             try:
                 self._process(jobs)
             finally:
                 self.heartbeat.busy = False
+                self._flush()
 
     def _accept(self, frames: list[bytes]) -> Job | None:
         try:
@@ -141,6 +145,7 @@ class Worker:
         truncated = [0] * len(live)
         for group in groups:
             self._run_group(live, group, truncated)
+            self._flush()   # the requests this pass finished are answered now, together
 
     def _run_group(self, jobs: list[Job], group: list[Slot], truncated: list[int]) -> None:
         now = time.time()
@@ -204,6 +209,14 @@ class Worker:
         self._send_done(done_msg(job.seq, err.code.value, error_response(job.request.id, err)))
 
     def _send_done(self, parts: list[bytes]) -> None:
-        header, response = parts  # two plain sends: pyzmq's send_multipart costs ~5x more
-        self.sock.send(header, zmq.SNDMORE)
-        self.sock.send(response)
+        self._outbox.extend(parts)
+
+    def _flush(self) -> None:
+        """Send every finished answer as one message [header1, answer1, header2, answer2, ...]."""
+        out = self._outbox
+        if not out:
+            return
+        self._outbox = []
+        last = len(out) - 1
+        for i, part in enumerate(out):  # plain sends: pyzmq's send_multipart costs ~5x more per part
+            self.sock.send(part, zmq.SNDMORE if i < last else 0)
