@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,9 +17,7 @@ class Pending:
     texts: list[str]
     backend: str
     deadline: float             # wall clock (time.time()); travels to the worker
-    received: float = field(default_factory=time.monotonic)
     attempts: int = 0           # dispatches so far
-    suspect: bool = False       # held by a worker that died with several requests: rerun alone
     answered: bool = False
     worker: str | None = None   # wid holding it now
 

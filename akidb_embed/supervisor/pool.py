@@ -248,7 +248,6 @@ class BackendPool:
         if w.state != WState.STARTING:
             return
         w.state = WState.READY
-        w.ready_at = time.monotonic()
         w.info = self.model_info = info
         self.ever_ready = True
         self.policy.record_ready()
@@ -329,7 +328,6 @@ class BackendPool:
             elif w.kill_reason is None and w.state in (WState.DRAINING, WState.STOPPING):
                 self.queue.appendleft(p)   # a planned stop: not a suspect
             else:
-                p.suspect = True
                 self.suspects.appendleft(p)
 
     # ---- timers ------------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ class WorkerProcess:
         self.inflight: dict[int, Any] = {}     # seq -> Pending
         self.isolating = False                 # holds one suspect request alone
         self.started_at = time.monotonic()
-        self.ready_at: float | None = None
         self.last_heartbeat = time.monotonic()
         self.served = 0
         self.rss = 0
