@@ -110,6 +110,24 @@ class Server:
         return self.proc.returncode
 
 
+def raw_dealer(endpoint: str):
+    """A bare DEALER socket on the client endpoint, for frames the Client library would never send."""
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def recv_answer(sock, timeout_s: float = 10.0) -> dict:
+    """The next answer on a raw socket: exactly one msgpack frame, decoded."""
+    from akidb_embed.protocol.codec import unpack
+    assert sock.poll(timeout_s * 1000), "no answer from the supervisor"
+    frames = sock.recv_multipart()
+    assert len(frames) == 1, frames
+    return unpack(frames[0])
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """serve(config_toml, ready=True) -> Server; every server and its workers are stopped afterwards."""

@@ -10,13 +10,12 @@ import time
 import numpy as np
 import psutil
 import pytest
-import zmq
 
 from akidb_embed import AsyncClient, Client, ErrorCode, Timeout, UnknownBackend, WorkerDied
-from akidb_embed.protocol.codec import blob_to_vectors, unpack
+from akidb_embed.protocol.codec import blob_to_vectors
 from akidb_embed.protocol.messages import request_frame
 from akidb_embed.workers.backends.mock import mock_vector
-from conftest import poll_until
+from conftest import poll_until, raw_dealer, recv_answer
 
 
 def expected(text: str, dim: int, normalize: bool = True) -> np.ndarray:
@@ -84,10 +83,10 @@ def test_float16_travels_as_two_bytes_per_value(serve):
         kind = "mock"
         dim = 10
     """)
-    sock = _dealer(server.endpoint)
+    sock = raw_dealer(server.endpoint)
     try:
         sock.send(request_frame("h", "embed", texts=["x", "y"], dtype="float16"))
-        msg = _recv(sock)
+        msg = recv_answer(sock)
     finally:
         sock.close(0)
     assert msg["ok"] is True and msg["id"] == "h" and msg["dtype"] == "float16"
@@ -164,20 +163,6 @@ def test_threads_with_own_clients_and_async_client_many_in_flight(serve):
 
 # ---- 3. out-of-order completion --------------------------------------------------------------
 
-def _dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
-
-
-def _recv(sock: zmq.Socket, timeout_s: float = 10.0) -> dict:
-    assert sock.poll(timeout_s * 1000), "no answer from the supervisor"
-    frames = sock.recv_multipart()
-    assert len(frames) == 1
-    return unpack(frames[0])
-
-
 def test_out_of_order_completion_each_answer_carries_its_id(serve):
     server = serve("""
         [backends.slow]
@@ -189,11 +174,11 @@ def test_out_of_order_completion_each_answer_carries_its_id(serve):
         kind = "mock"
         dim = 8
     """)
-    sock = _dealer(server.endpoint)
+    sock = raw_dealer(server.endpoint)
     try:
         sock.send(request_frame("slow-1", "embed", texts=["slow text"], backend="slow"))
         sock.send(request_frame(2, "embed", texts=["fast text"], backend="fast"))
-        first, second = _recv(sock), _recv(sock)
+        first, second = recv_answer(sock), recv_answer(sock)
     finally:
         sock.close(0)
     assert first["ok"] and second["ok"]

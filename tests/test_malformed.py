@@ -9,6 +9,7 @@ import zmq
 from akidb_embed.protocol.codec import unpack
 from akidb_embed.protocol.messages import request_frame
 from akidb_embed.workers.backends.mock import mock_vector
+from conftest import raw_dealer, recv_answer
 
 CONFIG = """
     [backends.m]
@@ -83,20 +84,6 @@ def server(tmp_path_factory):
         yield srv
 
 
-def dealer(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
-
-
-def answer(sock: zmq.Socket, timeout_s: float = 10.0) -> dict:
-    assert sock.poll(timeout_s * 1000), "no answer from the supervisor"
-    frames = sock.recv_multipart()
-    assert len(frames) == 1, frames
-    return unpack(frames[0])
-
-
 def assert_working(server) -> None:
     assert server.proc.poll() is None, server.log()
     assert server.ps.is_running() and server.ps.status() != "zombie"
@@ -108,10 +95,10 @@ def assert_working(server) -> None:
 
 @pytest.mark.parametrize("name,frames,rid,words", CASES, ids=[c[0] for c in CASES])
 def test_malformed_frame_is_bad_request(server, name, frames, rid, words):
-    sock = dealer(server.endpoint)
+    sock = raw_dealer(server.endpoint)
     try:
         sock.send_multipart(frames)
-        msg = answer(sock)
+        msg = recv_answer(sock)
         assert not sock.poll(50), "more than one answer to one message"
     finally:
         sock.close(0)
@@ -127,12 +114,12 @@ def test_malformed_frame_is_bad_request(server, name, frames, rid, words):
 
 def test_all_garbage_back_to_back_then_serving(server):
     """Every malformed case on one socket in a burst: one answer each, in order, then a normal request."""
-    sock = dealer(server.endpoint)
+    sock = raw_dealer(server.endpoint)
     try:
         for _, frames, _, _ in CASES:
             sock.send_multipart(frames)
         sock.send(request_frame("good", "embed", texts=["fine"]))
-        answers = [answer(sock) for _ in range(len(CASES) + 1)]
+        answers = [recv_answer(sock) for _ in range(len(CASES) + 1)]
     finally:
         sock.close(0)
     assert [a["error"]["code"] for a in answers[:-1]] == ["BAD_REQUEST"] * len(CASES)
@@ -142,12 +129,12 @@ def test_all_garbage_back_to_back_then_serving(server):
 
 
 def test_unknown_backend_on_raw_socket(server):
-    sock = dealer(server.endpoint)
+    sock = raw_dealer(server.endpoint)
     try:
         sock.send(request_frame(9, "embed", texts=["x"], backend="ghost"))
-        msg = answer(sock)
+        msg = recv_answer(sock)
         sock.send(request_frame(10, "stop", backend="ghost"))
-        ctl = answer(sock)
+        ctl = recv_answer(sock)
     finally:
         sock.close(0)
     for m, rid in ((msg, 9), (ctl, 10)):

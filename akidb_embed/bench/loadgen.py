@@ -33,6 +33,29 @@ def sup_cpu(status: dict[str, Any]) -> float:
     return float(status["supervisor"]["cpu_s"])
 
 
+class _Tally:
+    """Latencies and errors of one phase (the HTTP phase's threads call it under their lock)."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.samples: list[str] = []
+
+    def ok(self, t0: float, vectors: Any = None) -> None:
+        if vectors is not None and vectors.shape[0] != 1:
+            self.fail(ValueError(f"expected 1 vector, got {vectors.shape}"))
+        else:
+            self.latencies.append(time.perf_counter() - t0)
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.samples.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    def result(self, elapsed_s: float, cpu_s: float | None) -> dict[str, Any]:
+        return {"latencies_s": self.latencies, "errors": self.errors, "error_samples": self.samples[:5],
+                "elapsed_s": elapsed_s, "cpu_s": cpu_s}
+
+
 def _bridge_sequential(spec: dict[str, Any]) -> dict[str, Any]:
     """One blocking client, one text per request, back to back."""
     from akidb_embed.client import Client
@@ -42,8 +65,7 @@ def _bridge_sequential(spec: dict[str, Any]) -> dict[str, Any]:
         for i in range(spec["warmup"]):
             client.embed([texts[-1 - i % len(texts)]], backend=backend)
         before = client.status()
-        lat: list[float] = []
-        errors, samples = 0, []
+        tally = _Tally()
         start = time.perf_counter()
         stop_at = start + spec["duration"]
         for i in range(spec["requests"]):
@@ -51,17 +73,12 @@ def _bridge_sequential(spec: dict[str, Any]) -> dict[str, Any]:
             if t0 >= stop_at:
                 break
             try:
-                v = client.embed([texts[i % len(texts)]], backend=backend)
-                if v.shape[0] != 1:
-                    raise ValueError(f"expected 1 vector, got {v.shape}")
-                lat.append(time.perf_counter() - t0)
+                tally.ok(t0, client.embed([texts[i % len(texts)]], backend=backend))
             except Exception as exc:
-                errors += 1
-                samples.append(f"{type(exc).__name__}: {exc}"[:200])
+                tally.fail(exc)
         elapsed = time.perf_counter() - start
         after = client.status()
-    return {"latencies_s": lat, "errors": errors, "error_samples": samples[:5], "elapsed_s": elapsed,
-            "cpu_s": sup_cpu(after) - sup_cpu(before)}
+    return tally.result(elapsed, sup_cpu(after) - sup_cpu(before))
 
 
 async def _bridge_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
@@ -79,32 +96,25 @@ async def _bridge_concurrent(spec: dict[str, Any]) -> dict[str, Any]:
                 await client.embed([texts[-1 - i % len(texts)]], backend=backend)
         await asyncio.gather(*(warm_task() for _ in range(conc)))
 
-        lat: list[float] = []
-        errors, samples = 0, []
+        tally = _Tally()
         counter = iter(range(spec["requests"]))
         before = await client.status()
         start = time.perf_counter()
         stop_at = start + spec["duration"]
 
         async def task() -> None:
-            nonlocal errors
             for i in counter:
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
                     return
                 try:
-                    v = await client.embed([texts[i % len(texts)]], backend=backend)
-                    if v.shape[0] != 1:
-                        raise ValueError(f"expected 1 vector, got {v.shape}")
-                    lat.append(time.perf_counter() - t0)
+                    tally.ok(t0, await client.embed([texts[i % len(texts)]], backend=backend))
                 except Exception as exc:
-                    errors += 1
-                    samples.append(f"{type(exc).__name__}: {exc}"[:200])
+                    tally.fail(exc)
         await asyncio.gather(*(task() for _ in range(conc)))
         elapsed = time.perf_counter() - start
         after = await client.status()
-    return {"latencies_s": lat, "errors": errors, "error_samples": samples[:5], "elapsed_s": elapsed,
-            "cpu_s": sup_cpu(after) - sup_cpu(before)}
+    return tally.result(elapsed, sup_cpu(after) - sup_cpu(before))
 
 
 def _http_phase(spec: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +130,7 @@ def _http_phase(spec: dict[str, Any]) -> dict[str, Any]:
         headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     texts, model = spec["texts"], spec["model"]
     lock = threading.Lock()
-    lat: list[float] = []
-    errors, samples = 0, []
+    tally = _Tally()
 
     def post(conn: Any, text: str) -> None:
         body = json.dumps({"input": [text], "model": model}).encode()
@@ -134,7 +143,6 @@ def _http_phase(spec: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("expected one embedding")
 
     def worker(indices: Any, stop_at: float | None, record: bool) -> None:
-        nonlocal errors
         conn = conn_cls(url.hostname, url.port, timeout=60)
         try:
             while True:
@@ -149,14 +157,13 @@ def _http_phase(spec: dict[str, Any]) -> dict[str, Any]:
                     post(conn, texts[i % len(texts)])
                     if record:
                         with lock:
-                            lat.append(time.perf_counter() - t0)
+                            tally.ok(t0)
                 except Exception as exc:
                     conn.close()
                     conn = conn_cls(url.hostname, url.port, timeout=60)
                     if record:
                         with lock:
-                            errors += 1
-                            samples.append(f"{type(exc).__name__}: {exc}"[:200])
+                            tally.fail(exc)
         finally:
             conn.close()
 
@@ -172,8 +179,7 @@ def _http_phase(spec: dict[str, Any]) -> dict[str, Any]:
     run(iter(range(len(texts) - spec["warmup"], len(texts))), None, False)
     start = time.perf_counter()
     run(iter(range(spec["requests"])), start + spec["duration"], True)
-    return {"latencies_s": lat, "errors": errors, "error_samples": samples[:5],
-            "elapsed_s": time.perf_counter() - start, "cpu_s": None}
+    return tally.result(time.perf_counter() - start, None)
 
 
 if __name__ == "__main__":
