@@ -36,10 +36,10 @@ def resolve_endpoint(endpoint: str | None) -> str:
 
 
 def _embed_fields(texts: Sequence[str], backend: str | None, normalize: bool, timeout: float | None,
-                  dtype: str) -> dict[str, Any]:
+                  dtype: str, priority: str | None) -> dict[str, Any]:
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, not a single string")
-    return {"texts": list(texts), "backend": backend, "normalize": normalize, "dtype": dtype,
+    return {"texts": list(texts), "backend": backend, "normalize": normalize, "dtype": dtype, "priority": priority,
             "timeout_ms": max(1, int(timeout * 1000)) if timeout else None}
 
 
@@ -92,15 +92,17 @@ class Client:
             # an answer to an earlier call that we stopped waiting for: drop it
 
     def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
-                     timeout: float | None = None, dtype: str = "float32") -> EmbedResult:
+                     timeout: float | None = None, dtype: str = "float32",
+                     priority: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        return _to_embed_result(self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype)))
+        return _to_embed_result(self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype, priority)))
 
     def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
-              timeout: float | None = None, dtype: str = "float32") -> np.ndarray:
+              timeout: float | None = None, dtype: str = "float32",
+              priority: str | None = None) -> np.ndarray:
         """Embed ``texts``; returns a float32 array of shape (len(texts), dim). Raises EmbedError."""
-        return self.embed_result(texts, backend, normalize, timeout, dtype).vectors
+        return self.embed_result(texts, backend, normalize, timeout, dtype, priority).vectors
 
     def info(self) -> dict[str, Any]:
         return self._call("info", QUERY_WAIT_S)
@@ -183,15 +185,17 @@ class AsyncClient:
         return _result(msg)
 
     async def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
-                           timeout: float | None = None, dtype: str = "float32") -> EmbedResult:
+                           timeout: float | None = None, dtype: str = "float32",
+                     priority: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        msg = await self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype))
+        msg = await self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype, priority))
         return _to_embed_result(msg)
 
     async def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
-                    timeout: float | None = None, dtype: str = "float32") -> np.ndarray:
-        return (await self.embed_result(texts, backend, normalize, timeout, dtype)).vectors
+                    timeout: float | None = None, dtype: str = "float32",
+              priority: str | None = None) -> np.ndarray:
+        return (await self.embed_result(texts, backend, normalize, timeout, dtype, priority)).vectors
 
     async def info(self) -> dict[str, Any]:
         return await self._call("info", QUERY_WAIT_S)

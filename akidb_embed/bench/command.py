@@ -80,13 +80,21 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json-out", metavar="FILE", help="default: bench-results/bench-<kind>[-<quantize>].json")
     p.add_argument("--baseline", metavar="FILE", help="an fp32 result JSON for the int8 target (default: "
                    "bench-results/bench-<kind>.json when --quantize is given and it exists)")
+    p.add_argument("--mixed", action="store_true", help="instead of the phases above: searches during a bulk "
+                   "ingest (queries alone, bulk alone, both, both with priorities; --duration s each)")
+    p.add_argument("--bulk-texts", type=int, default=64, help="--mixed: medium texts per bulk request")
+    p.add_argument("--bulk-inflight", type=int, default=4, help="--mixed: bulk requests kept in flight")
     p.add_argument("--plot", metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
     return p
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.duration <= 0:
-        print("akidb-embed bench: --requests and --duration must be positive", file=sys.stderr)
+    if args.mixed and args.no_bridge:
+        print("akidb-embed bench: --mixed needs the bridge (drop --no-bridge)", file=sys.stderr)
+        return 2
+    if args.requests < 1 or args.duration <= 0 or args.bulk_texts < 1 or args.bulk_inflight < 1:
+        print("akidb-embed bench: --requests, --duration, --bulk-texts and --bulk-inflight must be positive",
+              file=sys.stderr)
         return 2
     args.model = args.model or ("mock" if args.kind == "mock" else DEFAULT_MODEL)
     options: dict[str, Any] = dict(args.option)
@@ -96,6 +104,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if value is not None:
             options[key] = value
     suffix = f"-{args.quantize}" if args.quantize else ""
+    if args.mixed:
+        suffix += "-mixed"
+        args.no_inprocess = True
     json_out = Path(args.json_out or f"bench-results/bench-{args.kind}{suffix}.json")
     short, medium = corpus("short"), corpus("medium")
     result: dict[str, Any] = {"meta": {
@@ -130,7 +141,10 @@ def run_bench(args: argparse.Namespace) -> int:
             result["meta"].update(bridge_endpoint=endpoint, bridge_backend=backend, self_started=server is not None)
         if not args.no_inprocess:
             result["inprocess"] = run_inprocess(args, options, short, medium)
-        if not args.no_bridge:
+        if args.mixed:
+            from akidb_embed.bench.mixed import run_mixed
+            result["mixed"] = run_mixed(args, endpoint, backend)
+        elif not args.no_bridge:
             from akidb_embed.bench.loadgen import sup_cpu
             from akidb_embed.client import Client
             sampler = RssSampler(endpoint, backend)
@@ -158,6 +172,8 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+    if args.mixed:
+        return _finish_mixed(args, result, json_out)
     if args.http:
         result["http"] = run_remote("http", args, short, medium)
     if result.get("inprocess"):
@@ -179,3 +195,20 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
     return 0
+
+
+def _finish_mixed(args: argparse.Namespace, result: dict[str, Any], json_out: Path) -> int:
+    from akidb_embed.bench.mixed import format_mixed, mixed_targets, plot_mixed
+    from akidb_embed.bench.report import format_targets
+
+    result["meta"]["loadavg_end"] = _loadavg()
+    result["meta"]["mixed"] = {"bulk_texts": args.bulk_texts, "bulk_inflight": args.bulk_inflight}
+    report = format_report(result).splitlines() + format_mixed(result["mixed"])
+    result["targets"] = mixed_targets(result["mixed"])
+    print("\n".join(report + format_targets(result["targets"])))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"results written to {json_out}", file=sys.stderr)
+    if args.plot:
+        plot_mixed(result, args.plot)
+    return 0 if result["mixed"] else 1

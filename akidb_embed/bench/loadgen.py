@@ -19,6 +19,11 @@ def main() -> int:
     spec = json.load(sys.stdin)
     if spec["target"] == "http":
         result = _http_phase(spec)
+    elif spec["target"] == "mixed":
+        import asyncio
+
+        from akidb_embed.bench.mixed import run_mixed_loadgen
+        result = asyncio.run(run_mixed_loadgen(spec))
     elif spec["concurrency"] == 0:
         result = _bridge_sequential(spec)
     else:

@@ -202,9 +202,9 @@ class RssSampler(threading.Thread):
 
 # ---------------------------------------------------------------- bridge and http (load generator)
 
-def _run_loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+def run_loadgen(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "akidb_embed.bench.loadgen"], input=json.dumps(spec),
-                          capture_output=True, text=True, timeout=spec["duration"] + 300)
+                          capture_output=True, text=True, timeout=timeout or spec["duration"] + 300)
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
@@ -226,10 +226,10 @@ def run_remote(target: str, args: argparse.Namespace, short: list[str], medium: 
             "model": args.http_model or args.model, "duration": args.duration, "requests": args.requests}
     out: dict[str, Any] = {}
     print(f"{target}: short texts, sequential ...", file=sys.stderr, flush=True)
-    res = _run_loadgen({**base, "texts": short, "concurrency": 0, "warmup": args.warmup})
+    res = run_loadgen({**base, "texts": short, "concurrency": 0, "warmup": args.warmup})
     out["short_seq"] = _phase_from_loadgen(res, 1, "sequential, one short text per request")
     for c in args.concurrency:
         print(f"{target}: {c} concurrent clients, medium texts ...", file=sys.stderr, flush=True)
-        res = _run_loadgen({**base, "texts": medium, "concurrency": c, "warmup": max(args.warmup, 2 * c)})
+        res = run_loadgen({**base, "texts": medium, "concurrency": c, "warmup": max(args.warmup, 2 * c)})
         out[f"c{c}"] = _phase_from_loadgen(res, c, "one medium text per request")
     return out

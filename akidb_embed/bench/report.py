@@ -112,7 +112,7 @@ def format_report(result: dict[str, Any]) -> str:
                          _fmt(ph["p50_ms"], 3), _fmt(ph["p95_ms"], 3), _fmt(ph["p99_ms"], 3),
                          f"{cpu:.1f} us" if cpu is not None else "-"))
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    for row in (header, *rows):
+    for row in (header, *rows) if rows else ():
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     if result.get("inprocess"):
         lines.append("  * in-process has one model and no queue: its figure for any number of clients is the "
@@ -133,13 +133,16 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"rss samples: {br.get('rss_samples')} (every {STATUS_SAMPLE_S:g} s)")
     if result.get("inprocess"):
         lines.append(f"in-process (bench process) RSS after the in-process phase: {result['inprocess']['rss_mb']:.1f} MB")
-    if result.get("targets"):
-        lines.append("")
-        lines.append("targets:")
-        for t in result["targets"]:
-            mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
-            lines.append(f"  [{mark}] {t['target']}: {_fmt(t['value'], 3)} {t['unit']} (bound {_fmt(t['bound'], 3)})")
+    lines += format_targets(result.get("targets") or [])
     return "\n".join(lines)
+
+
+def format_targets(targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "targets:"] if targets else []
+    for t in targets:
+        mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
+        lines.append(f"  [{mark}] {t['target']}: {_fmt(t['value'], 3)} {t['unit']} (bound {_fmt(t['bound'], 3)})")
+    return lines
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 MAX_TEXTS_PER_REQUEST = 4096
 
+PRIORITIES = ("high", "normal", "low")   # scheduling classes, in the order they are served
 OPS = ("embed", "info", "health", "status", "restart", "stop", "start")
 CONTROL_OPS = ("restart", "stop", "start")
 
@@ -34,6 +35,7 @@ class EmbedRequest:
     normalize: bool = True
     timeout_ms: int | None = None
     dtype: str = "float32"
+    priority: str | None = None   # None: the backend's default_priority
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,11 @@ def _parse_embed(msg: dict, rid: Any) -> EmbedRequest:
     dtype = _field(msg, "dtype", (str,), rid, default="float32")
     if dtype not in DTYPES:
         raise RequestError(f"field 'dtype' must be one of {', '.join(DTYPES)}", rid)
+    priority = _field(msg, "priority", (str,), rid)
+    if priority is not None and priority not in PRIORITIES:
+        raise RequestError(f"field 'priority' must be one of {', '.join(PRIORITIES)}", rid)
     return EmbedRequest(
-        id=rid, texts=texts,
+        id=rid, texts=texts, priority=priority,
         backend=_field(msg, "backend", (str,), rid),
         normalize=_field(msg, "normalize", (bool,), rid, default=True),
         timeout_ms=timeout_ms, dtype=dtype,
