@@ -1,0 +1,95 @@
+"""The fair queue's order: priority classes with guaranteed shares, new peers first, DRR by tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from akidb_embed.supervisor.fairqueue import HIGH, LOW, NORMAL, FairQueue
+
+
+
+@dataclass(eq=False)
+class U:
+    peer: bytes
+    cost: int
+    priority: int = NORMAL
+    name: str = ""
+    answered: bool = False
+
+    def alive(self) -> bool:
+        return not self.answered
+
+
+def drain(q: FairQueue[U], n: int = 10_000) -> list[str]:
+    out = []
+    for _ in range(n):
+        u = q.pop()
+        if u is None:
+            break
+        out.append(u.name)
+    return out
+
+
+def test_a_new_peer_with_one_small_unit_goes_before_a_backlogged_peer() -> None:
+    q: FairQueue[U] = FairQueue(quantum=512)
+    for i in range(100):
+        q.push(U(b"bulk", 300, name=f"b{i}"))
+    assert q.pop().name == "b0"          # bulk is being served ...
+    q.push(U(b"query", 10, name="q"))    # ... when a query arrives
+    assert q.pop().name == "q"
+
+
+def test_backlogged_peers_share_tokens_not_requests() -> None:
+    q: FairQueue[U] = FairQueue(quantum=100)
+    for i in range(50):
+        q.push(U(b"big", 100, name="big"))
+        q.push(U(b"small", 10, name="small"))
+    order = drain(q, 40)
+    # per turn: one 100-token unit from big, ten 10-token units from small
+    assert order.count("small") >= 8 * order.count("big") // 2
+    assert order.count("big") >= 2
+
+
+def test_priority_order_high_normal_low() -> None:
+    q: FairQueue[U] = FairQueue()
+    q.push(U(b"a", 10, LOW, "low"))
+    q.push(U(b"b", 10, NORMAL, "normal"))
+    q.push(U(b"c", 10, HIGH, "high"))
+    assert drain(q) == ["high", "normal", "low"]
+    for i in range(3):
+        for name, prio in (("low", LOW), ("normal", NORMAL), ("high", HIGH)):
+            q.push(U(name.encode(), 10, prio, name))
+    assert drain(q) == ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
+
+
+def test_low_is_never_starved_by_a_stream_of_high() -> None:
+    q: FairQueue[U] = FairQueue(patience={NORMAL: 10, LOW: 20})
+    for i in range(100):
+        q.push(U(b"bulk", 10, LOW, f"low{i}"))
+    served_low = 0
+    for i in range(420):
+        q.push(U(b"query", 10, HIGH, "high"))
+        if q.pop().name.startswith("low"):
+            served_low += 1
+    # one low unit after every 20 high ones: 20 of 420
+    assert served_low == 20
+
+
+def test_answered_units_are_skipped_and_clear_returns_only_alive_ones() -> None:
+    q: FairQueue[U] = FairQueue()
+    units = [U(b"p", 5, name=str(i)) for i in range(5)]
+    for u in units:
+        q.push(u)
+    units[0].answered = units[3].answered = True
+    assert q.pop().name == "1"
+    alive = q.clear()
+    assert sorted(u.name for u in alive) == ["2", "4"]
+    assert q.pop() is None and len(q) == 0
+
+
+def test_fifo_within_one_peer() -> None:
+    q: FairQueue[U] = FairQueue(quantum=1)
+    for i in range(10):
+        q.push(U(b"p", 7, name=str(i)))
+    assert drain(q) == [str(i) for i in range(10)]
