@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from akidb_embed.protocol.codec import DTYPES, pack, unpack, vectors_to_blob
-from akidb_embed.protocol.errors import BadRequest, EmbedError
+from akidb_embed.protocol.errors import BadRequest, EmbedError, InternalError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -191,3 +191,36 @@ def parse_header(frame: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict) or "t" not in msg:
         raise ValueError("malformed worker header")
     return msg
+
+
+# ---- large requests cut into parts (supervisor) --------------------------------------------
+
+SUMMED_ANSWER_FIELDS = ("truncated",)   # counts over the rows; every list of one item per row is concatenated
+
+
+def embed_part_frames(frame: bytes, bounds: list[tuple[int, int]]) -> list[bytes]:
+    """A request frame cut into one frame per part: ``texts[start:end]``, every other field kept."""
+    msg = unpack(frame)
+    texts = msg["texts"]
+    return [pack({**msg, "texts": texts[start:end]}) for start, end in bounds]
+
+
+def assemble_embed_parts(rid: Any, parts: list[bytes]) -> bytes:
+    """The answers to a request's parts, in order, as one answer: vector blobs and per-row lists are
+    concatenated, counts summed. The first error among the parts is the answer. Vectors stay bytes."""
+    msgs = [unpack(p) for p in parts]
+    for m in msgs:
+        if not m.get("ok"):
+            return pack({**m, "id": rid})
+    first = msgs[0]
+    if any(m.get("dtype") != first.get("dtype") or m["shape"][1:] != first["shape"][1:] for m in msgs):
+        return error_response(rid, InternalError("the parts of this request were answered with different vector shapes"))
+    out = {**first, "id": rid, "shape": [sum(m["shape"][0] for m in msgs), *first["shape"][1:]],
+           "data": b"".join(m["data"] for m in msgs)}
+    for key in SUMMED_ANSWER_FIELDS:
+        if key in first:
+            out[key] = sum(int(m.get(key, 0)) for m in msgs)
+    for key, value in first.items():
+        if key != "shape" and isinstance(value, list) and len(value) == first["shape"][0]:
+            out[key] = [x for m in msgs for x in m.get(key, [])]
+    return pack(out)
