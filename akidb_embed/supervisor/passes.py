@@ -1,0 +1,48 @@
+"""How much work goes into a worker's next forward pass, and how work is measured (estimated tokens).
+
+The supervisor never tokenizes: it estimates a text's tokens from its length (about four characters
+per token for English subword vocabularies, plus the special tokens), which is all the scheduler
+needs to compare work. It learns the backend's speed (seconds per estimated token, an exponentially
+weighted mean over the passes it has timed) and sizes passes in time:
+
+* while interactive work is around (a high-priority request, or a small one, seen within
+  ``interactive_window_s``), a pass holds about ``latency_pass_ms`` of work, so newly arriving
+  queries never wait behind more than that;
+* otherwise passes grow to ``max_batch_tokens``, the most efficient size.
+"""
+from __future__ import annotations
+
+CHARS_PER_TOKEN = 4
+SPECIAL_TOKENS = 2
+EWMA_WEIGHT = 0.2
+MIN_TIMED_TOKENS = 64    # shorter passes are mostly fixed per-pass cost: they would skew the rate
+
+
+def estimate_tokens(text: str, max_tokens: int = 512) -> int:
+    return min(max_tokens, len(text) // CHARS_PER_TOKEN + SPECIAL_TOKENS)
+
+
+class PassSizer:
+    def __init__(self, max_batch_tokens: int, latency_pass_ms: float, interactive_window_s: float) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.latency_pass_s = latency_pass_ms / 1000.0
+        self.window_s = interactive_window_s
+        self.s_per_token: float | None = None       # learned from timed passes
+        self.interactive_until = float("-inf")      # monotonic time until which passes stay short
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A pass of ``tokens`` estimated tokens took ``seconds`` from hand-over to its last answer."""
+        if tokens < MIN_TIMED_TOKENS or seconds <= 0:
+            return
+        rate = seconds / tokens
+        self.s_per_token = rate if self.s_per_token is None else (
+            (1 - EWMA_WEIGHT) * self.s_per_token + EWMA_WEIGHT * rate)
+
+    def note_interactive(self, now: float) -> None:
+        self.interactive_until = now + self.window_s
+
+    def budget(self, now: float) -> int:
+        """Estimated tokens the next pass may hold (a pass always holds at least one unit)."""
+        if now >= self.interactive_until or self.s_per_token is None:
+            return self.max_batch_tokens
+        return max(1, min(self.max_batch_tokens, int(self.latency_pass_s / self.s_per_token)))
