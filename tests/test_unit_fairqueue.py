@@ -93,3 +93,17 @@ def test_fifo_within_one_peer() -> None:
     for i in range(10):
         q.push(U(b"p", 7, name=str(i)))
     assert drain(q) == [str(i) for i in range(10)]
+
+
+def test_peek_shows_what_pop_returns() -> None:
+    q: FairQueue[U] = FairQueue(quantum=50)
+    for i in range(30):
+        q.push(U(b"a", 40, NORMAL, f"a{i}"))
+        q.push(U(b"b", 10, [HIGH, NORMAL, LOW][i % 3], f"b{i}"))
+    q.classes[NORMAL].queues[b"a"][3].answered = True
+    for _ in range(60):
+        seen = q.peek()
+        got = q.pop()
+        assert seen is got
+        if got is None:
+            break

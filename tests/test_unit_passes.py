@@ -28,3 +28,35 @@ def test_short_passes_do_not_teach_the_rate_and_the_rate_is_a_moving_mean() -> N
     assert s.s_per_token is not None and 0.001 < s.s_per_token < 0.002
     s.note_interactive(0.0)
     assert 1 <= s.budget(0.0) <= 30
+
+
+def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
+    from dataclasses import dataclass
+
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import compose_pass
+
+    @dataclass(eq=False)
+    class W:
+        peer: bytes
+        cost: int
+        texts: int
+        interactive: bool
+        priority: int = 1
+
+        def alive(self) -> bool:
+            return True
+
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(1000, 0.3)                       # 0.3 ms per token: a short pass is 100 tokens
+    q: FairQueue[W] = FairQueue(quantum=10_000)
+    for _ in range(20):
+        q.push(W(b"bulk", 40, 1, False))
+    assert len(compose_pass(q, s, now=0.0, max_texts=16)) == 16          # no queries: efficient size (texts cap)
+    s.note_interactive(0.0)
+    assert len(compose_pass(q, s, now=0.0, max_texts=16)) == 2           # queries around: 100 tokens
+    q.push(W(b"q1", 5, 1, True))
+    q.push(W(b"q2", 5, 1, True))
+    got = compose_pass(q, s, now=0.0, max_texts=16)
+    assert [w.peer for w in got] == [b"q1", b"q2"]                       # new peers first, queries together
+    assert all(not w.interactive for w in compose_pass(q, s, now=0.0, max_texts=16))

@@ -57,8 +57,10 @@ class _Class(Generic[U]):
         q.append(unit)
         self.count += 1
 
-    def pop(self) -> U | None:
-        # each peer turn either serves a unit or grants a quantum, so this ends after a bounded number of turns
+    def _select(self) -> bytes | None:
+        """The peer whose first unit goes next. Dropping answered units and granting quanta here does
+        not change the order, so selecting again right away gives the same peer (peek, then pop)."""
+        # each peer turn either finds a unit or grants a quantum, so this ends after a bounded number of turns
         while self.new or self.old:
             ring = self.new if self.new else self.old
             peer = next(iter(ring))
@@ -75,15 +77,28 @@ class _Class(Generic[U]):
                 del ring[peer]
                 self.old[peer] = None
                 continue
-            unit = q.popleft()
-            self.count -= 1
-            self.deficit[peer] -= max(1, unit.cost)
-            if not q:
-                self._forget(ring, peer)
-            elif ring is self.new:   # a new peer's head start is one unit; then it queues with the others
-                del ring[peer]
-                self.old[peer] = None
-            return unit
+            return peer
+        return None
+
+    def peek(self) -> U | None:
+        peer = self._select()
+        return None if peer is None else self.queues[peer][0]
+
+    def pop(self) -> U | None:
+        peer = self._select()
+        if peer is None:
+            return None
+        ring = self.new if peer in self.new else self.old
+        q = self.queues[peer]
+        unit = q.popleft()
+        self.count -= 1
+        self.deficit[peer] -= max(1, unit.cost)
+        if not q:
+            self._forget(ring, peer)
+        elif ring is self.new:   # a new peer's head start is one unit; then it queues with the others
+            del ring[peer]
+            self.old[peer] = None
+        return unit
         return None
 
     def _forget(self, ring: OrderedDict[bytes, None], peer: bytes) -> None:
@@ -104,6 +119,16 @@ class FairQueue(Generic[U]):
 
     def push(self, unit: U) -> None:
         self.classes[unit.priority].push(unit)
+
+    def peek(self) -> U | None:
+        """The unit :meth:`pop` would return now."""
+        while True:
+            cls = self._next_class()
+            if cls is None:
+                return None
+            unit = self.classes[cls].peek()
+            if unit is not None:
+                return unit
 
     def pop(self) -> U | None:
         """The next unit to run, or None when nothing alive is waiting."""

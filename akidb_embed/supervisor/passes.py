@@ -12,6 +12,10 @@ weighted mean over the passes it has timed) and sizes passes in time:
 """
 from __future__ import annotations
 
+from typing import Protocol, TypeVar
+
+from akidb_embed.supervisor.fairqueue import FairQueue
+
 CHARS_PER_TOKEN = 4
 SPECIAL_TOKENS = 2
 EWMA_WEIGHT = 0.2
@@ -46,3 +50,40 @@ class PassSizer:
         if now >= self.interactive_until or self.s_per_token is None:
             return self.max_batch_tokens
         return max(1, min(self.max_batch_tokens, int(self.latency_pass_s / self.s_per_token)))
+
+    def interactive(self, now: float) -> bool:
+        return now < self.interactive_until
+
+
+class Work(Protocol):
+    """What a pass is made of: a queued unit (see fairqueue.Unit) with its size and kind."""
+    peer: bytes
+    priority: int
+    cost: int             # estimated tokens
+    texts: int
+    interactive: bool     # a small request from a client with little else queued (a query)
+
+    def alive(self) -> bool: ...
+
+
+W = TypeVar("W", bound=Work)
+
+
+def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: int) -> list[W]:
+    """The units of the next pass, in the queue's order. A pass holds one kind of work: queries
+    together (up to the efficient size: they are all waited for), or bulk work sized by
+    :meth:`PassSizer.budget`; the first unit of the other kind ends it, and runs next."""
+    first = queue.pop()
+    if first is None:
+        return []
+    units, tokens, texts = [first], first.cost, first.texts
+    budget = sizer.max_batch_tokens if first.interactive else sizer.budget(now)
+    while True:
+        nxt = queue.peek()
+        if (nxt is None or nxt.interactive != first.interactive or tokens + nxt.cost > budget
+                or texts + nxt.texts > max_texts):
+            return units
+        queue.pop()
+        units.append(nxt)
+        tokens += nxt.cost
+        texts += nxt.texts
