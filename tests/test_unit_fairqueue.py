@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
-
 from akidb_embed.supervisor.fairqueue import HIGH, LOW, NORMAL, FairQueue
-
 
 
 @dataclass(eq=False)

@@ -6,7 +6,11 @@ import numpy as np
 from akidb_embed.protocol.codec import pack, unpack
 from akidb_embed.protocol.errors import Timeout
 from akidb_embed.protocol.messages import (
-    assemble_embed_parts, embed_part_frames, embed_response, error_response, request_frame,
+    assemble_embed_parts,
+    embed_part_frames,
+    embed_response,
+    error_response,
+    request_frame,
 )
 
 

@@ -19,7 +19,8 @@ only reads ``peer``, ``priority`` (0 = high, 1 = normal, 2 = low), ``cost`` (est
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Generic, Iterator, Protocol, TypeVar
+from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
 
 HIGH, NORMAL, LOW = 0, 1, 2
 PRIORITY_CLASSES = {"high": HIGH, "normal": NORMAL, "low": LOW}
