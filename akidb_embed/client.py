@@ -15,7 +15,7 @@ import zmq.asyncio
 from akidb_embed.protocol.codec import blob_to_vectors
 from akidb_embed.protocol.errors import EmbedError, InternalError, Timeout, error_from_wire
 from akidb_embed.protocol.messages import parse_response, request_frame
-from akidb_embed.supervisor.config import default_endpoint
+from akidb_embed.protocol.endpoint import default_endpoint
 
 DEFAULT_WAIT_S = 120.0      # how long a call waits when it names no timeout (the server's deadline answers first)
 QUERY_WAIT_S = 10.0         # info / health / status / control
