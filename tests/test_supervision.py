@@ -2,6 +2,7 @@
 (or, for a bug that no input can trigger, the supervisor's own loop in-process)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -247,8 +248,8 @@ def test_worker_crashing_while_replaced_has_its_requests_retried(serve):
 class GroupServer:
     """`akidb-embed serve` as the leader of its own process group, as under systemd or in a terminal."""
 
-    def __init__(self, tmp: Path, body: str) -> None:
-        self.endpoint = f"ipc://{tmp / ('g-' + uuid.uuid4().hex[:8] + '.sock')}"
+    def __init__(self, tmp: Path, body: str, endpoint: str | None = None) -> None:
+        self.endpoint = endpoint or f"ipc://{tmp / ('g-' + uuid.uuid4().hex[:8] + '.sock')}"
         cfg = tmp / "config.toml"
         cfg.write_text(f'[server]\nendpoint = "{self.endpoint}"\n' + textwrap.dedent(body))
         self.log_path = tmp / "server.log"
@@ -287,10 +288,10 @@ class GroupServer:
 def group_server(tmp_path):
     servers: list[GroupServer] = []
 
-    def start(body: str) -> GroupServer:
+    def start(body: str, endpoint: str | None = None, ready: bool = True) -> GroupServer:
         d = tmp_path / f"g{len(servers)}"
         d.mkdir()
-        server = GroupServer(d, body)
+        server = GroupServer(d, body, endpoint)
         servers.append(server)
 
         def ready() -> bool:
@@ -299,7 +300,8 @@ def group_server(tmp_path):
                 return server.status()["backends"]["m"]["state"] == "READY"
             except EmbedError:
                 return False
-        poll_until(ready, 60, 0.1)
+        if ready:
+            poll_until(ready, 60, 0.1)
         return server
 
     yield start
@@ -376,3 +378,91 @@ def test_supervisor_wall_clock_far_off_changes_nothing(serve, tmp_path):
         sock.close(0)
     assert answer["ok"] is True, answer
     assert shutil.which(sys.executable)
+
+
+# ---- 8. a client whose server is gone ---------------------------------------------------------------------------
+
+MOCK_SLOW = """
+    [backends.m]
+    kind = "mock"
+    dim = 4
+    delay_ms = 30000
+"""
+
+
+def test_blocking_call_on_a_killed_server_fails_fast_and_the_client_reconnects(group_server):
+    server = group_server(MOCK_SLOW)
+    from akidb_embed import Client, ServerUnavailable
+    client = Client(server.endpoint)
+    try:
+        assert client.health()["status"] == "ok"
+        waiting, out = in_thread(lambda: _outcome(lambda: client.embed(["never answered"], timeout=60)))
+        poll_until(lambda: server.status()["backends"]["m"]["in_flight"] == 1, 10)
+        t0 = time.monotonic()
+        server.killpg(signal.SIGKILL)
+        waiting.join(30)
+        err, seconds = out["v"]
+        assert isinstance(err, ServerUnavailable) and err.retryable, err
+        assert time.monotonic() - t0 < 10                        # not the 60 s timeout (+2 s)
+        back = group_server(MOCK_SLOW.replace("delay_ms = 30000", ""), endpoint=server.endpoint)
+        assert client.embed(["after restart"], timeout=10).shape == (1, 4)      # same object
+        assert back.status()["backends"]["m"]["served"] == 1
+    finally:
+        client.close()
+
+
+def test_requests_made_while_no_server_listens_fail_and_are_never_computed(group_server, tmp_path):
+    from akidb_embed import AsyncClient, Client, ServerUnavailable
+    endpoint = f"ipc://{tmp_path / 'later.sock'}"
+    client = Client(endpoint)
+    try:
+        for i in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailable):
+                client.embed([f"nobody {i}"], timeout=0.3)      # never blocks past its timeout
+            assert time.monotonic() - t0 < 2
+
+        async def async_calls() -> list:
+            async with AsyncClient(endpoint) as ac:
+                return await asyncio.gather(*(ac.embed([f"async nobody {i}"], timeout=0.3) for i in range(3)),
+                                            return_exceptions=True)
+        errors = asyncio.run(async_calls())
+        assert all(isinstance(e, ServerUnavailable) for e in errors), errors
+        server = group_server("""
+            [backends.m]
+            kind = "mock"
+            dim = 4
+        """, endpoint=endpoint)
+        assert client.embed(["now served"], timeout=10).shape == (1, 4)
+        assert server.status()["backends"]["m"]["served"] == 1   # nothing sent during the outage ran
+    finally:
+        client.close()
+
+
+def test_async_calls_on_a_killed_server_fail_fast(group_server):
+    from akidb_embed import AsyncClient, ServerUnavailable
+    server = group_server(MOCK_SLOW)
+
+    async def main():
+        async with AsyncClient(server.endpoint) as ac:
+            calls = [asyncio.ensure_future(ac.embed([f"lost {i}"], timeout=60)) for i in range(4)]
+            for _ in range(100):
+                if server.status()["backends"]["m"]["in_flight"] == 4:
+                    break
+                await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            server.killpg(signal.SIGKILL)
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+            return results, time.monotonic() - t0
+
+    results, seconds = asyncio.run(main())
+    assert all(isinstance(r, ServerUnavailable) for r in results), results
+    assert seconds < 10
+
+
+def _outcome(fn):
+    t0 = time.monotonic()
+    try:
+        return fn(), time.monotonic() - t0
+    except EmbedError as exc:
+        return exc, time.monotonic() - t0
