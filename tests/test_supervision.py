@@ -466,3 +466,47 @@ def _outcome(fn):
         return fn(), time.monotonic() - t0
     except EmbedError as exc:
         return exc, time.monotonic() - t0
+
+
+# ---- the events seam ----------------------------------------------------------------------------------------------
+
+def test_events_report_answers_batches_and_worker_lifecycle(bound_sup):
+    """A subscriber sees what metrics need: answers with their timings, forward passes, worker starts and
+    exits with a cause, and backend state changes."""
+    from akidb_embed import Client
+    from akidb_embed.supervisor import events as ev
+
+    seen: list = []
+    bound_sup.events.subscribe(seen.append)
+    bound_sup.events.subscribe(lambda e: 1 / 0)          # a broken subscriber must not matter
+    out: dict = {}
+
+    def client() -> None:
+        try:
+            with Client(bound_sup.config.endpoint) as c:
+                out["v"] = c.embed(["one two three", "four"], timeout=30).shape
+                try:
+                    c.embed(["x"], backend="nope")
+                except EmbedError as exc:
+                    out["err"] = exc.code.value
+        finally:
+            bound_sup._stop_requested = True
+
+    for pool in bound_sup.pools.values():
+        pool.start()
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    try:
+        bound_sup._loop()
+    finally:
+        bound_sup._shutdown_workers()
+    t.join(10)
+    assert out == {"v": (2, 384), "err": "UNKNOWN_BACKEND"}
+    assert any(isinstance(e, ev.WorkerStarted) and e.backend == "m" and e.pid for e in seen)
+    ok = [e for e in seen if isinstance(e, ev.RequestAnswered) and e.code is None]
+    assert len(ok) == 1 and ok[0].backend == "m" and ok[0].texts == 2 and ok[0].tokens == 5 + 3   # the mock counts words + 2
+    assert 0 <= ok[0].queue_s <= ok[0].total_s and 0 <= ok[0].run_s <= ok[0].total_s
+    assert any(isinstance(e, ev.RequestAnswered) and e.code == "UNKNOWN_BACKEND" for e in seen)
+    assert any(isinstance(e, ev.BatchRun) and e.texts == 2 and e.tokens == 8 for e in seen)
+    assert any(isinstance(e, ev.WorkerReady) and e.backend == "m" for e in seen)
+    assert any(isinstance(e, ev.BackendStateChanged) and (e.old, e.new) == ("STARTING", "READY") for e in seen)

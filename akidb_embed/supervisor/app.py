@@ -210,9 +210,9 @@ class Supervisor:
 
     def _handle_events(self, events: dict[Any, int]) -> None:
         if self.back in events:
-            self._drain_socket(self.back, self._on_worker_frames)
+            self._read_all(self.back, self._on_worker_frames)
         if self.front in events:
-            self._drain_socket(self.front, self._on_client_frames)
+            self._read_all(self.front, self._on_client_frames)
         for fd in [fd for fd in events if isinstance(fd, int)]:
             if fd == self._wake_r.fileno():
                 try:
@@ -223,7 +223,7 @@ class Supervisor:
                 self._guarded("handling a worker exit", self._on_worker_exit, self._by_fd[fd])
 
     @staticmethod
-    def _drain_socket(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
+    def _read_all(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
             if not sock.get(zmq.EVENTS) & zmq.POLLIN:

@@ -60,6 +60,7 @@ class Worker:
         self.stopping = False
         self._outbox: list[tuple[int, str | None, bytes, int | None]] = []   # (seq, code, answer, tokens)
         self._passes: list[list[float]] = []   # [texts, tokens, seconds] per forward pass, sent with answers
+        self._slot_tokens: dict[Slot, int] = {}   # tokens of each text of the jobs being processed
 
     # ---- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -141,9 +142,11 @@ class Worker:
         except Exception:  # only a grouping hint: fall back to the generic estimate, let embed report errors
             log.exception("worker %s: token_lengths failed; grouping by estimate", self.s.wid)
             lengths = Backend.token_lengths(self.backend, [text for _, text in slots])
+        self._slot_tokens = {}
         for (slot, _), length in zip(slots, lengths):
             live[slot.job].remaining += 1
             live[slot.job].tokens += length
+            self._slot_tokens[slot] = length
         groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
                              self.s.max_batch_size, self.s.max_batch_tokens)
         truncated = [0] * len(live)
@@ -171,7 +174,7 @@ class Worker:
             return
         finally:
             self.heartbeat.running = []
-        self._passes.append([len(todo), sum(jobs[s.job].tokens for s in todo),   # tokens: of the jobs in it
+        self._passes.append([len(todo), sum(self._slot_tokens.get(s, 0) for s in todo),
                              round(time.perf_counter() - started, 6)])
         if out.truncated_rows is None and out.truncated and len({s.job for s in todo}) == 1:
             truncated[todo[0].job] += out.truncated   # no per-row flags, but one owner: the count is exact
