@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import zmq
@@ -34,7 +34,7 @@ HEARTBEAT_TIMEOUT_MS = 1500 # ... and drop the connection when nothing came back
 MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 
-def _configure(sock: zmq.Socket) -> None:
+def _configure(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IMMEDIATE, 1)   # no queue towards a server that is not there: sends wait instead
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -75,7 +75,7 @@ def _embed_fields(texts: Sequence[str], backend: str | None, normalize: bool, ti
             "deadline_unix_ms": int((time.time() + wait) * 1000)}
 
 
-def _result(msg: dict[str, Any]) -> Any:
+def _result(msg: dict[str, Any]) -> dict[str, Any]:
     if not msg.get("ok"):
         raise error_from_wire(msg.get("error"))
     return msg
@@ -93,9 +93,9 @@ class Client:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         _configure(self._sock)
-        self._monitor = self._sock.get_monitor_socket(MONITORED)
+        self._monitor: zmq.Socket[bytes] = self._sock.get_monitor_socket(MONITORED)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -115,7 +115,7 @@ class Client:
 
     def _monitor_events(self) -> list[int]:
         events = []
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        while cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
             events.append(parse_monitor_message(self._monitor.recv_multipart())["event"])
         return events
 
@@ -130,14 +130,14 @@ class Client:
                 if left <= 0:
                     raise ServerUnavailable(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s: no "
                                             "server took the request (is `akidb-embed serve` running there?)") from None
-                self._sock.poll(min(left, MAX_POLL_S) * 1000, zmq.POLLOUT)
+                self._sock.poll(max(1, int(min(left, MAX_POLL_S) * 1000)), zmq.POLLOUT)
 
     def _call(self, op: str, wait_s: float, send_s: float | None = None, **fields: Any) -> dict[str, Any]:
         """``send_s``: how long the request may wait for a server to take it (default ``wait_s``)."""
         rid = next(self._ids)
         now = time.monotonic()
         end = now + wait_s
-        if self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        if cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
             self._monitor_events()   # connects and disconnects before this call concern no request of ours
         send_s = wait_s if send_s is None else send_s
         self._send(request_frame(rid, op, **fields), now + send_s, send_s)
@@ -146,7 +146,7 @@ class Client:
             left = end - time.monotonic()
             if left <= 0:
                 raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s")
-            ready = dict(self._poller.poll(min(left, MAX_POLL_S) * 1000))  # zmq_poll takes int milliseconds
+            ready = dict(self._poller.poll(int(min(left, MAX_POLL_S) * 1000)))  # zmq_poll takes int milliseconds
             if self._monitor in ready and _lost(self._monitor_events()):
                 raise ServerUnavailable(f"lost the connection to the server at {self.endpoint} while waiting "
                                         "for the answer; the request may or may not have been computed")
@@ -196,7 +196,7 @@ class AsyncClient:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
         _configure(self._sock)
         self._monitor = self._sock.get_monitor_socket(MONITORED)
         self._sock.connect(self.endpoint)
@@ -235,7 +235,8 @@ class AsyncClient:
                 msg = parse_response(await self._sock.recv())
             except ValueError:  # not an answer of this protocol: nobody can be waiting for it
                 continue
-            fut = self._waiting.pop(msg.get("id"), None)
+            rid = msg.get("id")
+            fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 

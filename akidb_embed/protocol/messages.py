@@ -63,7 +63,7 @@ class RequestError(BadRequest):
         self.request_id = request_id
 
 
-def _field(msg: dict, name: str, types: tuple[type, ...], rid: Any, *, required: bool = False,
+def _field(msg: dict[str, Any], name: str, types: tuple[type, ...], rid: Any, *, required: bool = False,
            default: Any = None) -> Any:
     if name not in msg or msg[name] is None:
         if required:
@@ -100,7 +100,7 @@ def parse_request(frame: bytes) -> Request:
     return QueryRequest(rid, op)
 
 
-def _parse_embed(msg: dict, rid: Any) -> EmbedRequest:
+def _parse_embed(msg: dict[str, Any], rid: Any) -> EmbedRequest:
     texts = _field(msg, "texts", (list,), rid, required=True)
     if not texts:
         raise RequestError("field 'texts' must hold at least one string", rid)

@@ -12,11 +12,10 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import zmq
 
@@ -223,10 +222,10 @@ class Supervisor:
                 self._guarded("handling a worker exit", self._on_worker_exit, self._by_fd[fd])
 
     @staticmethod
-    def _read_all(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
+    def _read_all(sock: zmq.Socket[Any], handler: Callable[[list[bytes]], None], limit: int = 1000) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             handler(sock.recv_multipart(zmq.NOBLOCK))
 
@@ -315,7 +314,7 @@ class Supervisor:
         wid = ident[:-3] if ident.endswith("/hb") else ident
         pool = self._wid_pool.get(wid)
         w = pool.workers.get(wid) if pool else None
-        if w is None:
+        if pool is None or w is None:
             return  # a message from a worker already gone
         w.last_heartbeat = time.monotonic()
         try:
@@ -369,7 +368,7 @@ class Supervisor:
         now = time.monotonic()
         for item in list(self._exiting):
             w, since = item
-            code = w.proc.poll()
+            code = w.exit_code()
             if code is None:
                 if now - since > 2.0:  # lifeline closed but the process lives on: end it
                     w.signal(signal.SIGKILL)
@@ -407,19 +406,16 @@ class Supervisor:
         stages = ((None, FAST_STOP_S), (signal.SIGKILL, 5.0)) if fast else (
             (None, grace), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0))
         for sig, wait in stages:
-            alive = [w for w in workers if w.proc.poll() is None]
+            alive = [w for w in workers if w.exit_code() is None]
             for w in alive:
                 if sig is not None:
                     w.signal(sig)
             end = time.monotonic() + wait
             for w in alive:
-                try:
-                    w.proc.wait(timeout=max(0.01, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+                w.wait_exit(max(0.01, end - time.monotonic()))
         for w in workers:
             log.info("worker exit: backend=%s wid=%s pid=%s reason=shutdown (%s)", w.cfg.name, w.wid, w.pid,
-                     describe_exit(w.proc.poll()))
+                     describe_exit(w.exit_code()))
             w.close_lifeline()
 
     def _close(self) -> None:

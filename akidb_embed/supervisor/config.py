@@ -6,7 +6,7 @@ import sys
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef, unused-ignore]
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -98,7 +98,7 @@ def _check_keys(src: str, where: str, table: Mapping[str, Any], allowed: set[str
 
 
 def _policy(src: str, where: str, table: Mapping[str, Any], base: Policy) -> Policy:
-    values = {k: float(_check_value(src, where, k, v)) if k != "restart_max" else _check_value(src, where, k, v)
+    values: dict[str, Any] = {k: float(_check_value(src, where, k, v)) if k != "restart_max" else _check_value(src, where, k, v)
               for k, v in table.items() if k in _POLICY_KEYS}
     return replace(base, **values)
 

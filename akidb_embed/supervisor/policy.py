@@ -22,7 +22,7 @@ class RestartPolicy:
         if len(self.crashes) > self.p.restart_max or self.consecutive > self.p.restart_max:
             return None
         doublings = min(self.consecutive - 1, 32)   # 2 ** 1024 overflows a float; the cap is reached long before
-        return min(self.p.restart_backoff_max_s, self.p.restart_backoff_min_s * 2 ** doublings)
+        return float(min(self.p.restart_backoff_max_s, self.p.restart_backoff_min_s * 2 ** doublings))
 
     def record_ready(self) -> None:
         """A worker came up: the next crash starts again from the shortest backoff."""

@@ -10,11 +10,14 @@ import subprocess
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from akidb_embed.supervisor.config import BackendConfig
+
+if TYPE_CHECKING:
+    from akidb_embed.supervisor.requests import Request
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class WorkerProcess:
         self.state = WState.STARTING
         self.proc: subprocess.Popen[bytes] | None = None
         self.lifeline: socket.socket | None = None
-        self.inflight: dict[int, Any] = {}     # seq -> Request handed to it and not returned yet
+        self.inflight: dict[int, Request] = {}     # seq -> Request handed to it and not returned yet
         self.running: list[int] = []           # seqs of its current forward pass (from its last heartbeat)
         self.isolating = False                 # holds one suspect request alone
         self.started_at = time.monotonic()
@@ -107,6 +110,17 @@ class WorkerProcess:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def exit_code(self) -> int | None:
+        """Its exit status once it has ended (None while it runs or if it never started)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def wait_exit(self, timeout: float) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
 
     def close_lifeline(self) -> None:
         if self.lifeline is not None:
