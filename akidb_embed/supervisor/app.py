@@ -29,7 +29,7 @@ from akidb_embed.protocol.messages import (
 from akidb_embed.supervisor import ops
 from akidb_embed.supervisor.config import Config, ConfigError
 from akidb_embed.supervisor.eventlog import log_event
-from akidb_embed.supervisor.events import Events
+from akidb_embed.supervisor.events import Events, WorkerExited
 from akidb_embed.supervisor.pool import BackendPool
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 from akidb_embed.supervisor.quarantine import Quarantine
@@ -414,8 +414,9 @@ class Supervisor:
             for w in alive:
                 w.wait_exit(max(0.01, end - time.monotonic()))
         for w in workers:
-            log.info("worker exit: backend=%s wid=%s pid=%s reason=shutdown (%s)", w.cfg.name, w.wid, w.pid,
-                     describe_exit(w.exit_code()))
+            reason = f"shutdown ({describe_exit(w.exit_code())})"
+            log.info("worker exit: backend=%s wid=%s pid=%s reason=%s", w.cfg.name, w.wid, w.pid, reason)
+            self.events.emit(WorkerExited(w.cfg.name, w.wid, w.pid, reason, "planned", w.uptime()))
             w.close_lifeline()
 
     def _close(self) -> None:

@@ -63,7 +63,8 @@ class Request:
         return self.state is RState.ANSWERED
 
     def hand_to(self, wid: str, now: float) -> None:
-        self.state = RState.RUNNING
+        if self.state is not RState.ANSWERED:   # a probe stays answered: its result goes to nobody
+            self.state = RState.RUNNING
         self.worker = wid
         self.attempts += 1
         self.last_handed = now

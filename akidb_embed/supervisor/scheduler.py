@@ -134,7 +134,7 @@ class Scheduler:
         if (w.isolating or w.hung) and len(held) == 1:
             self._quarantine(held[0], "hung" if w.hung else "crashed", reason, hung=w.hung)
             return
-        if w.hung:    # a hang inside a batch: re-run each request alone (as a probe if already answered)
+        if w.hung and can_retry:  # a hang inside a batch: re-run each request alone (as a probe if already answered)
             now = time.monotonic()
             for req in reversed(held):
                 if req.answered:
