@@ -268,8 +268,13 @@ class AsyncClient:
         end = loop.time() + wait_s
         try:
             send_s = wait_s if send_s is None else send_s
+            frame = request_frame(rid, op, **fields)
             try:   # with no server connected (ZMQ_IMMEDIATE) the send waits, at most until our deadline
-                await asyncio.wait_for(self._sock.send(request_frame(rid, op, **fields)), send_s)
+                sending = cast("asyncio.Future[Any]", self._sock.send(frame))
+                if sending.done():     # the usual case (pyzmq sends at once): no timer, no extra loop turn
+                    sending.result()
+                else:
+                    await asyncio.wait_for(sending, send_s)
             except asyncio.TimeoutError as exc:
                 raise ServerUnavailable(f"no answer from the supervisor at {self.endpoint} within {send_s:g} s: no "
                                         "server took the request (is `akidb-embed serve` running there?)") from exc
