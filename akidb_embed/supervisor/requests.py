@@ -35,7 +35,7 @@ class RState(str, Enum):
     ANSWERED = "answered"    # the client has its answer; late results are dropped
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     seq: int                    # supervisor-wide id, also used on the worker channel
     route: list[bytes]          # ROUTER envelope to answer the client with (identity[, b""])
