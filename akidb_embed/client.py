@@ -32,6 +32,7 @@ MAX_POLL_S = 3600.0         # one poll at most this long (a longer one overflows
 HEARTBEAT_IVL_MS = 500      # ZMTP ping this often ...
 HEARTBEAT_TIMEOUT_MS = 1500 # ... and drop the connection when nothing came back for this long
 MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+MONITOR_SLICE_S = 0.25      # a blocking call checks for a lost connection this often while it waits
 
 
 def _configure(sock: zmq.Socket[Any]) -> None:
@@ -96,9 +97,8 @@ class Client:
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         _configure(self._sock)
         self._monitor: zmq.Socket[bytes] = self._sock.get_monitor_socket(MONITORED)
-        self._poller = zmq.Poller()
+        self._poller = zmq.Poller()        # only the data socket: the fast path polls one socket
         self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
         self._sock.connect(self.endpoint)
 
     def __enter__(self) -> "Client":
@@ -137,8 +137,6 @@ class Client:
         rid = next(self._ids)
         now = time.monotonic()
         end = now + wait_s
-        if cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
-            self._monitor_events()   # connects and disconnects before this call concern no request of ours
         send_s = wait_s if send_s is None else send_s
         self._send(request_frame(rid, op, **fields), now + send_s, send_s)
         sock = self._sock
@@ -146,11 +144,11 @@ class Client:
             left = end - time.monotonic()
             if left <= 0:
                 raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s")
-            ready = dict(self._poller.poll(int(min(left, MAX_POLL_S) * 1000)))  # zmq_poll takes int milliseconds
-            if self._monitor in ready and _lost(self._monitor_events()):
-                raise ServerUnavailable(f"lost the connection to the server at {self.endpoint} while waiting "
-                                        "for the answer; the request may or may not have been computed")
-            if sock not in ready:
+            if not self._poller.poll(int(min(left, MONITOR_SLICE_S) * 1000)):   # zmq_poll: int milliseconds
+                # events queued before our send end with the CONNECTED that let it through (ZMQ_IMMEDIATE)
+                if _lost(self._monitor_events()):
+                    raise ServerUnavailable(f"lost the connection to the server at {self.endpoint} while "
+                                            "waiting for the answer; the request may or may not have been computed")
                 continue
             msg = parse_response(sock.recv())
             if msg.get("id") == rid:
