@@ -1,4 +1,11 @@
-"""Client libraries: ``Client`` (blocking) and ``AsyncClient`` (asyncio, many requests in flight on one socket)."""
+"""Client libraries: ``Client`` (blocking) and ``AsyncClient`` (asyncio, many requests in flight on one socket).
+
+Both notice a server that is gone: the socket sends ZeroMQ heartbeats (a silent peer is dropped
+after HEARTBEAT_TIMEOUT_MS) and a socket monitor reports the disconnect, so a call waiting on a dead
+supervisor raises ``ServerUnavailable`` (retryable) within about two seconds. ``ZMQ_IMMEDIATE``
+keeps requests from queueing while no server is connected: a send waits for a connection at most
+until the call's own deadline. The same object reconnects by itself when a server is back.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,21 +13,44 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from akidb_embed.protocol.codec import blob_to_vectors
-from akidb_embed.protocol.errors import EmbedError, InternalError, Timeout, error_from_wire
+from akidb_embed.protocol.errors import EmbedError, InternalError, ServerUnavailable, Timeout, error_from_wire
 from akidb_embed.protocol.messages import parse_response, request_frame
-from akidb_embed.supervisor.config import default_endpoint
+from akidb_embed.protocol.endpoint import default_endpoint
 
 DEFAULT_WAIT_S = 120.0      # how long a call waits when it names no timeout (the server's deadline answers first)
 QUERY_WAIT_S = 10.0         # info / health / status / control
 GRACE_S = 2.0               # extra wait past a request's own timeout for the server's TIMEOUT answer
 MAX_POLL_S = 3600.0         # one poll at most this long (a longer one overflows zmq_poll's int timeout)
+HEARTBEAT_IVL_MS = 500      # ZMTP ping this often ...
+HEARTBEAT_TIMEOUT_MS = 1500 # ... and drop the connection when nothing came back for this long
+MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+MONITOR_SLICE_S = 0.25      # a blocking call checks for a lost connection this often while it waits
+
+
+def _configure(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)   # no queue towards a server that is not there: sends wait instead
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+
+
+def _lost(events: list[int]) -> bool:
+    """Whether a batch of monitor events leaves the socket disconnected."""
+    state = None
+    for event in events:
+        if event == zmq.EVENT_DISCONNECTED:
+            state = True
+        elif event == zmq.EVENT_CONNECTED:
+            state = False
+    return bool(state)
 
 
 @dataclass(frozen=True)
@@ -39,11 +69,14 @@ def _embed_fields(texts: Sequence[str], backend: str | None, normalize: bool, ti
                   dtype: str, priority: str | None) -> dict[str, Any]:
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, not a single string")
+    wait = timeout if timeout else DEFAULT_WAIT_S
+    # deadline_unix_ms: the server drops the request if it arrives after we stopped waiting for it
     return {"texts": list(texts), "backend": backend, "normalize": normalize, "dtype": dtype, "priority": priority,
-            "timeout_ms": max(1, int(timeout * 1000)) if timeout else None}
+            "timeout_ms": max(1, int(timeout * 1000)) if timeout else None,
+            "deadline_unix_ms": int((time.time() + wait) * 1000)}
 
 
-def _result(msg: dict[str, Any]) -> Any:
+def _result(msg: dict[str, Any]) -> dict[str, Any]:
     if not msg.get("ok"):
         raise error_from_wire(msg.get("error"))
     return msg
@@ -61,8 +94,11 @@ class Client:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        _configure(self._sock)
+        self._monitor: zmq.Socket[bytes] = self._sock.get_monitor_socket(MONITORED)
+        self._poller = zmq.Poller()        # only the data socket: the fast path polls one socket
+        self._poller.register(self._sock, zmq.POLLIN)
         self._sock.connect(self.endpoint)
 
     def __enter__(self) -> "Client":
@@ -73,20 +109,48 @@ class Client:
 
     def close(self) -> None:
         if not self._sock.closed:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(0)
 
-    def _call(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+    def _monitor_events(self) -> list[int]:
+        events = []
+        while cast(int, self._monitor.get(zmq.EVENTS)) & zmq.POLLIN:
+            events.append(parse_monitor_message(self._monitor.recv_multipart())["event"])
+        return events
+
+    def _send(self, frame: bytes, end: float, wait_s: float) -> None:
+        """Send within the call's deadline: with no server connected (ZMQ_IMMEDIATE) nothing is queued."""
+        while True:
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise ServerUnavailable(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s: no "
+                                            "server took the request (is `akidb-embed serve` running there?)") from None
+                self._sock.poll(max(1, int(min(left, MAX_POLL_S) * 1000)), zmq.POLLOUT)
+
+    def _call(self, op: str, wait_s: float, send_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        """``send_s``: how long the request may wait for a server to take it (default ``wait_s``)."""
         rid = next(self._ids)
-        self._sock.send(request_frame(rid, op, **fields))
-        end = time.monotonic() + wait_s
+        now = time.monotonic()
+        end = now + wait_s
+        send_s = wait_s if send_s is None else send_s
+        self._send(request_frame(rid, op, **fields), now + send_s, send_s)
+        sock = self._sock
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
-                              "(is `akidb-embed serve` running there?)")
-            if not self._sock.poll(min(left, MAX_POLL_S) * 1000):  # zmq_poll takes an int of milliseconds
+                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s")
+            if not self._poller.poll(int(min(left, MONITOR_SLICE_S) * 1000)):   # zmq_poll: int milliseconds
+                # events queued before our send end with the CONNECTED that let it through (ZMQ_IMMEDIATE)
+                if _lost(self._monitor_events()):
+                    raise ServerUnavailable(f"lost the connection to the server at {self.endpoint} while "
+                                            "waiting for the answer; the request may or may not have been computed")
                 continue
-            msg = parse_response(self._sock.recv())
+            msg = parse_response(sock.recv())
             if msg.get("id") == rid:
                 return _result(msg)
             # an answer to an earlier call that we stopped waiting for: drop it
@@ -96,7 +160,8 @@ class Client:
                      priority: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        return _to_embed_result(self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype, priority)))
+        return _to_embed_result(self._call("embed", wait, timeout or wait,
+                                           **_embed_fields(texts, backend, normalize, timeout, dtype, priority)))
 
     def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
               timeout: float | None = None, dtype: str = "float32",
@@ -131,11 +196,14 @@ class AsyncClient:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
+        _configure(self._sock)
+        self._monitor = self._sock.get_monitor_socket(MONITORED)
         self._sock.connect(self.endpoint)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._sent: set[int] = set()          # ids whose request left the socket (lost on a disconnect)
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -144,18 +212,21 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._reader = self._watcher = None
         for fut in list(self._waiting.values()):  # nothing can answer them now: fail them, don't leave them hanging
             if not fut.done():
                 fut.set_exception(InternalError("the AsyncClient was closed before the answer arrived"))
         self._waiting.clear()
         if not self._sock.closed:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
             self._sock.close(0)
 
     async def _read(self) -> None:
@@ -164,32 +235,66 @@ class AsyncClient:
                 msg = parse_response(await self._sock.recv())
             except ValueError:  # not an answer of this protocol: nobody can be waiting for it
                 continue
-            fut = self._waiting.pop(msg.get("id"), None)
+            rid = msg.get("id")
+            fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
-    async def _call(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+    async def _watch(self) -> None:
+        """Fail every call whose request was sent when the connection to the server drops."""
+        while True:
+            events = [parse_monitor_message(await self._monitor.recv_multipart())["event"]]
+            while await self._monitor.poll(0):
+                events.append(parse_monitor_message(await self._monitor.recv_multipart())["event"])
+            if not _lost(events):
+                continue
+            for rid in list(self._sent):
+                fut = self._waiting.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(ServerUnavailable(
+                        f"lost the connection to the server at {self.endpoint} while waiting for the answer; "
+                        "the request may or may not have been computed"))
+            self._sent.clear()
+
+    async def _call(self, op: str, wait_s: float, send_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = loop.create_task(self._read())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch())
         rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiting[rid] = fut
+        end = loop.time() + wait_s
         try:
-            await self._sock.send(request_frame(rid, op, **fields))
-            msg = await asyncio.wait_for(fut, wait_s)
-        except asyncio.TimeoutError as exc:
-            raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
-                          "(is `akidb-embed serve` running there?)") from exc
+            send_s = wait_s if send_s is None else send_s
+            frame = request_frame(rid, op, **fields)
+            try:   # with no server connected (ZMQ_IMMEDIATE) the send waits, at most until our deadline
+                sending = cast("asyncio.Future[Any]", self._sock.send(frame))
+                if sending.done():     # the usual case (pyzmq sends at once): no timer, no extra loop turn
+                    sending.result()
+                else:
+                    await asyncio.wait_for(sending, send_s)
+            except asyncio.TimeoutError as exc:
+                raise ServerUnavailable(f"no answer from the supervisor at {self.endpoint} within {send_s:g} s: no "
+                                        "server took the request (is `akidb-embed serve` running there?)") from exc
+            self._sent.add(rid)
+            try:
+                msg = await asyncio.wait_for(fut, max(0.0, end - loop.time()))
+            except asyncio.TimeoutError as exc:
+                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s") from exc
         finally:
             self._waiting.pop(rid, None)
+            self._sent.discard(rid)
         return _result(msg)
 
     async def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                            timeout: float | None = None, dtype: str = "float32",
-                     priority: str | None = None) -> EmbedResult:
+                           priority: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        msg = await self._call("embed", wait, **_embed_fields(texts, backend, normalize, timeout, dtype, priority))
+        msg = await self._call("embed", wait, timeout or wait,
+                               **_embed_fields(texts, backend, normalize, timeout, dtype, priority))
         return _to_embed_result(msg)
 
     async def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,

@@ -14,7 +14,6 @@ from akidb_embed.protocol.codec import unpack
 from akidb_embed.protocol.messages import request_frame
 from akidb_embed.supervisor.app import Supervisor
 from akidb_embed.supervisor.config import build_config
-from akidb_embed.supervisor.pending import Pending
 from akidb_embed.supervisor.process import WorkerProcess, WState
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,8 +42,9 @@ def fake_worker(sup: Supervisor) -> WorkerProcess:
     pool = sup.pools["m"]
     w = WorkerProcess(pool.cfg, "m.1", sup.worker_endpoint)
     w.state = WState.READY
-    w.inflight[7] = Pending(seq=7, route=[b"c"], rid=1, frame=b"", texts=["x"], backend="m",
-                            deadline=time.time() + 30)
+    req = sup.table.create([b"c"], 1, b"", ["x"], "m", 30.0, time.monotonic())
+    req.seq = 7
+    w.inflight[7] = req
     pool.workers[w.wid] = w
     sup._wid_pool[w.wid] = pool
     return w
@@ -69,16 +69,17 @@ def test_malformed_worker_frame_does_not_escape_the_loop(sup, header):
 # Answered entries left the deadline heap only from its top: behind one long-lived earlier deadline
 # every later answered request (with its whole request frame) was kept until that deadline.
 def test_deadline_heap_does_not_keep_answered_requests(sup, monkeypatch):
-    monkeypatch.setattr(sup.pools["m"], "submit", lambda p: None)
-    monkeypatch.setattr(sup, "_reply", lambda route, frame: None)
+    monkeypatch.setattr(sup.pools["m"], "admit", lambda p: None)
+    monkeypatch.setattr(sup.pools["m"], "pump", lambda: None)
+    monkeypatch.setattr(sup.table, "_reply", lambda route, frame: None)
     from akidb_embed.protocol.messages import parse_request
     sup._submit([b"c"], b"", parse_request(request_frame(0, "embed", texts=["stuck"], timeout_ms=10**12)))
     for i in range(1, 5000):
         sup._submit([b"c"], b"", parse_request(request_frame(i, "embed", texts=["t"], timeout_ms=10**12)))
-        p = sup.pending[sup._seq]
-        sup.answer_error(p, EmbedError("answered"))
-    assert len(sup.pending) == 1
-    assert len(sup.deadlines) <= 2 * len(sup.pending) + 65
+        p = max(sup.table.live.values(), key=lambda r: r.seq)
+        sup.table.fail(p, EmbedError("answered"))
+    assert len(sup.table) == 1
+    assert sup.table.heap_size <= 2 * len(sup.table) + 65
 
 
 def test_deadline_heap_memory_is_bounded_behind_a_hung_request(serve):
@@ -156,8 +157,10 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     from dataclasses import replace
 
     from akidb_embed.supervisor.config import build_config
-    from akidb_embed.supervisor.pending import Quarantine
+    from akidb_embed.supervisor.events import Events
     from akidb_embed.supervisor.pool import BackendPool, BState
+    from akidb_embed.supervisor.quarantine import Quarantine
+    from akidb_embed.supervisor.requests import RequestTable
 
     cfg = replace(build_config({"backends": {"m": {"kind": "mock", "restart_max": 1}}}, "t").backends["m"],
                   python="/nonexistent/python")
@@ -165,9 +168,10 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     class Host:
         worker_endpoint = "ipc:///nonexistent.sock"
         quarantine = Quarantine()
+        events = Events()
+        table = RequestTable(lambda route, frame: None, events)
         def watch(self, w): raise AssertionError("a worker that never started is not watched")
         def unwatch(self, w): pass
-        def answer_error(self, p, e): pass
         def send_jobs(self, w, jobs): pass
         def send_stop(self, w): pass
 
@@ -175,7 +179,7 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     pool.start()
     assert pool.state == BState.STARTING and len(pool.respawn_at) == 1
     assert "could not be started" in pool.last_exit
-    pool.tick(_time.monotonic() + 60, _time.time())          # the retry fails too: past restart_max
+    pool.tick(_time.monotonic() + 60)          # the retry fails too: past restart_max
     assert pool.state == BState.FAILED and "/nonexistent/python" in pool.last_exit
 
 

@@ -11,6 +11,7 @@ Exception tree (every class carries ``.code``, ``.retryable`` and a human messag
      ├── Overloaded            OVERLOADED           retryable
      ├── PoisonInput           POISON_INPUT         not retryable
      ├── ShuttingDown          SHUTTING_DOWN        retryable
+     ├── ServerUnavailable     SERVER_UNAVAILABLE   retryable (raised by the client: no server answers)
      └── InternalError         INTERNAL             not retryable
 
 On the wire an error is the map ``{"code": str, "message": str, "retryable": bool}``;
@@ -31,6 +32,7 @@ class ErrorCode(str, Enum):
     OVERLOADED = "OVERLOADED"
     POISON_INPUT = "POISON_INPUT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    SERVER_UNAVAILABLE = "SERVER_UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
 
@@ -90,6 +92,12 @@ class ShuttingDown(EmbedError):
     retryable = True
 
 
+class ServerUnavailable(EmbedError):
+    """No supervisor at the endpoint, or the connection to it was lost while waiting (client side)."""
+    code = ErrorCode.SERVER_UNAVAILABLE
+    retryable = True
+
+
 class InternalError(EmbedError):
     code = ErrorCode.INTERNAL
 
@@ -98,7 +106,7 @@ _BY_CODE: dict[str, type[EmbedError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownBackend, BackendUnavailable, Timeout, WorkerDied,
-        Overloaded, PoisonInput, ShuttingDown, InternalError,
+        Overloaded, PoisonInput, ShuttingDown, ServerUnavailable, InternalError,
     )
 }
 

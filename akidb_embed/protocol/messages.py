@@ -35,6 +35,7 @@ class EmbedRequest:
     normalize: bool = True
     timeout_ms: int | None = None
     dtype: str = "float32"
+    deadline_unix_ms: int | None = None   # the caller's own deadline (its wall clock): stale requests are dropped
     priority: str | None = None   # None: the backend's default_priority
 
 
@@ -64,7 +65,7 @@ class RequestError(BadRequest):
         self.request_id = request_id
 
 
-def _field(msg: dict, name: str, types: tuple[type, ...], rid: Any, *, required: bool = False,
+def _field(msg: dict[str, Any], name: str, types: tuple[type, ...], rid: Any, *, required: bool = False,
            default: Any = None) -> Any:
     if name not in msg or msg[name] is None:
         if required:
@@ -101,7 +102,7 @@ def parse_request(frame: bytes) -> Request:
     return QueryRequest(rid, op)
 
 
-def _parse_embed(msg: dict, rid: Any) -> EmbedRequest:
+def _parse_embed(msg: dict[str, Any], rid: Any) -> EmbedRequest:
     texts = _field(msg, "texts", (list,), rid, required=True)
     if not texts:
         raise RequestError("field 'texts' must hold at least one string", rid)
@@ -124,6 +125,7 @@ def _parse_embed(msg: dict, rid: Any) -> EmbedRequest:
         backend=_field(msg, "backend", (str,), rid),
         normalize=_field(msg, "normalize", (bool,), rid, default=True),
         timeout_ms=timeout_ms, dtype=dtype,
+        deadline_unix_ms=_field(msg, "deadline_unix_ms", (int,), rid),
     )
 
 
@@ -164,20 +166,26 @@ def parse_response(frame: bytes) -> dict[str, Any]:
 
 class WorkerMsg:
     """The ``t`` field of a worker-channel header."""
-    EMBED = "embed"      # sup -> worker: [header{t, seq, deadline}, client request frame]
+    EMBED = "embed"      # sup -> worker: [header{t, seq, budget_ms}, client request frame]
     STOP = "stop"        # sup -> worker: [header{t}]: finish what you hold, then exit 0
     READY = "ready"      # worker -> sup: [header{t, wid, pid, info}]
     FAIL = "fail"        # worker -> sup: [header{t, wid, pid, error}]: could not load; exits next
-    HEARTBEAT = "hb"     # worker -> sup: [header{t, wid, pid, busy}] every heartbeat interval
-    DONE = "done"        # worker -> sup: [header{t, seq, code}, client response frame]
+    HEARTBEAT = "hb"     # worker -> sup: [header{t, wid, pid, busy, running}] every heartbeat interval
+    DONE = "done"        # worker -> sup: [header{t, seq, code, tokens[, passes]}, client response frame]
 
 
-def embed_job(seq: int, deadline: float, client_frame: bytes) -> list[bytes]:
-    return [pack({"t": WorkerMsg.EMBED, "seq": seq, "deadline": deadline}), client_frame]
+def embed_job(seq: int, budget_ms: int, client_frame: bytes) -> list[bytes]:
+    """A job with a relative budget: the worker turns it into its own monotonic deadline on receipt."""
+    return [pack({"t": WorkerMsg.EMBED, "seq": seq, "budget_ms": budget_ms}), client_frame]
 
 
-def done_msg(seq: int, code: str | None, response: bytes) -> list[bytes]:
-    return [pack({"t": WorkerMsg.DONE, "seq": seq, "code": code}), response]
+def done_msg(seq: int, code: str | None, response: bytes, tokens: int | None = None,
+             passes: list[list[float]] | None = None) -> list[bytes]:
+    """``passes``: forward passes finished since the last message, each [texts, tokens, seconds]."""
+    header: dict[str, Any] = {"t": WorkerMsg.DONE, "seq": seq, "code": code, "tokens": tokens}
+    if passes:
+        header["passes"] = passes
+    return [pack(header), response]
 
 
 def worker_header(t: str, **fields: Any) -> bytes:

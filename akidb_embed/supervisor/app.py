@@ -1,4 +1,9 @@
-"""The supervisor: owns the client and worker sockets, runs the event loop, answers every request."""
+"""The supervisor: owns the client and worker sockets and runs the event loop (one thread).
+
+Requests live in the request table (requests.py), which alone answers them; each backend's pool
+(pool.py) runs its workers and its scheduler (scheduler.py) decides who runs what; what happens is
+published on the events seam (events.py), which the log (eventlog.py) and metrics subscribe to.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,16 +12,13 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, cast
 
-import psutil
 import zmq
 
-from akidb_embed import __version__
 from akidb_embed.protocol.errors import (
     BadRequest, EmbedError, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
 )
@@ -24,17 +26,23 @@ from akidb_embed.protocol.messages import (
     ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
     ok_response, parse_header, parse_request, worker_header,
 )
+from akidb_embed.supervisor import ops
 from akidb_embed.supervisor.config import Config, ConfigError
-from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
-from akidb_embed.supervisor.pool import BackendPool, BState
+from akidb_embed.supervisor.eventlog import log_event
+from akidb_embed.supervisor.events import Events, WorkerExited
+from akidb_embed.supervisor.pool import BackendPool
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
+from akidb_embed.supervisor.quarantine import Quarantine
+from akidb_embed.supervisor.requests import Request, RequestTable
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2             # housekeeping period: liveness, draining, memory (scheduled restarts are exact)
 MAX_MESSAGE_BYTES = 64 * 2**20
+MAX_RUNNING_SEQS = 65536 # a heartbeat's list of running jobs is ignored past this length
 COALESCE_PENDING = 16    # with at least this many requests pending ...
 COALESCE_S = 0.002       # ... wait this long before polling, to handle frames in bulk
+FAST_STOP_S = 1.0        # after a second signal: SIGTERM to every worker, SIGKILL after this long
 
 
 class Supervisor:
@@ -43,11 +51,11 @@ class Supervisor:
         self.ctx = zmq.Context()
         self._rundir = Path(tempfile.mkdtemp(prefix="akidb-embed-"))
         self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
+        self.events = Events()
+        self.events.subscribe(log_event)
+        self.table = RequestTable(self._reply, self.events)
         self.quarantine = Quarantine()
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
-        self.deadlines = DeadlineHeap()
-        self.pending: dict[int, Pending] = {}
-        self._seq = 0
         self._by_fd: dict[int, WorkerProcess] = {}
         self._wid_pool: dict[str, BackendPool] = {}
         self._exiting: list[tuple[WorkerProcess, float]] = []   # lifeline closed, exit code not collected yet
@@ -55,6 +63,7 @@ class Supervisor:
         self.accepting = True
         self.started = time.monotonic()
         self._stop_requested = False
+        self._force_stop = False      # a second signal during the drain: stop now
 
     # ---- sockets ------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -108,7 +117,7 @@ class Supervisor:
             w.close_lifeline()
         self._wid_pool.pop(w.wid, None)
 
-    def send_jobs(self, w: WorkerProcess, jobs: list[Pending]) -> None:
+    def send_jobs(self, w: WorkerProcess, jobs: list[Request]) -> None:
         """All jobs for one worker as one message: [wid, header1, frame1, header2, frame2, ...].
 
         One message per pump instead of one per request: each ZeroMQ message costs I/O-thread
@@ -118,8 +127,9 @@ class Supervisor:
         back = self.back
         back.send(w.wid.encode(), zmq.SNDMORE)
         last = len(jobs) - 1
+        now = time.monotonic()
         for i, p in enumerate(jobs):
-            header, frame = embed_job(p.seq, p.deadline, p.frame)
+            header, frame = embed_job(p.seq, p.budget_ms(now), p.frame)
             back.send(header, zmq.SNDMORE)
             back.send(frame, zmq.SNDMORE if i < last else 0)
 
@@ -133,13 +143,6 @@ class Supervisor:
             self.front.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # client gone or its queue full: nothing else to do
             log.debug("reply dropped: %s", exc)
-
-    def answer_error(self, p: Pending, err: EmbedError) -> None:
-        if p.answered:
-            return
-        p.answered = True
-        self.pending.pop(p.seq, None)
-        self._reply(p.route, error_response(p.rid, err))
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -158,25 +161,28 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for s, handler in old.items():
                 signal.signal(s, handler)
-            self._shutdown_workers()
+            self._shutdown_workers(fast=self._force_stop)
             self._close()
         return 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.accepting:   # already draining: a second signal means "stop now"
+            self._force_stop = True
         self._stop_requested = True
 
     def _loop(self, until: float | None = None) -> None:
         next_tick = time.monotonic()
-        while not self._stop_requested if until is None else (time.monotonic() < until and self._busy()):
+        while (not self._stop_requested if until is None
+               else (time.monotonic() < until and self._busy() and not self._force_stop)):
             now = time.monotonic()
             next_tick = min([next_tick] + [t for pool in self.pools.values() for t in pool.respawn_at])
             timeout = max(0.0, next_tick - now)
-            nd = self.deadlines.next_deadline()
+            nd = self.table.next_deadline()
             if nd is not None:
-                timeout = min(timeout, max(0.0, nd - time.time()))
+                timeout = min(timeout, max(0.0, nd - now))
             if self._exiting:
                 timeout = min(timeout, 0.005)
-            if len(self.pending) >= COALESCE_PENDING and timeout > 0:
+            if len(self.table) >= COALESCE_PENDING and timeout > 0:
                 # Busy: let frames gather for a moment so one wake-up handles many (each costs ~100 us
                 # of CPU); negligible next to the queueing delay such a backlog already implies.
                 time.sleep(min(timeout, COALESCE_S))
@@ -185,19 +191,27 @@ class Supervisor:
             events = dict(self.poller.poll(math.ceil(timeout * 1000)))
             self._handle_events(events)
             if self._exiting:
-                self._reap_exiting(time.monotonic())
-            self._expire(time.time())
+                self._guarded("reaping exited workers", self._reap_exiting)
+            self._guarded("expiring deadlines", self.table.expire, time.monotonic())
             if time.monotonic() >= next_tick:
-                wall, now = time.time(), time.monotonic()
+                now = time.monotonic()
                 for pool in self.pools.values():
-                    pool.tick(now, wall)
+                    self._guarded(f"housekeeping of backend {pool.cfg.name}", pool.tick, now)
                 next_tick = now + TICK_S
+
+    @staticmethod
+    def _guarded(what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one housekeeping step; a bug in it costs that step, never the loop (and its requests)."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("internal error while %s; the supervisor keeps serving", what)
 
     def _handle_events(self, events: dict[Any, int]) -> None:
         if self.back in events:
-            self._drain_socket(self.back, self._on_worker_frames)
+            self._read_all(self.back, self._on_worker_frames)
         if self.front in events:
-            self._drain_socket(self.front, self._on_client_frames)
+            self._read_all(self.front, self._on_client_frames)
         for fd in [fd for fd in events if isinstance(fd, int)]:
             if fd == self._wake_r.fileno():
                 try:
@@ -205,14 +219,13 @@ class Supervisor:
                 except BlockingIOError:
                     pass
             elif fd in self._by_fd:
-                w = self._by_fd[fd]
-                self._on_worker_exit(w)
+                self._guarded("handling a worker exit", self._on_worker_exit, self._by_fd[fd])
 
     @staticmethod
-    def _drain_socket(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
+    def _read_all(sock: zmq.Socket[Any], handler: Callable[[list[bytes]], None], limit: int = 1000) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             handler(sock.recv_multipart(zmq.NOBLOCK))
 
@@ -228,8 +241,7 @@ class Supervisor:
             route = frames[:2] if len(frames) > 3 and frames[1] == b"" else frames[:1]
             got = len(frames) - len(route)
             log.warning("bad request: %d frames from a client (expected one)", got)
-            self._reply(route, error_response(None, BadRequest(
-                f"expected one msgpack frame per request, got {got}")))
+            self.table.refuse(route, None, BadRequest(f"expected one msgpack frame per request, got {got}"))
             return
         req = None
         try:
@@ -237,20 +249,34 @@ class Supervisor:
             self._dispatch(route, body, req)
         except RequestError as exc:
             log.warning("bad request: %s", exc.message)
-            self._reply(route, error_response(exc.request_id, exc))
+            self.table.refuse(route, exc.request_id, exc)
         except EmbedError as exc:
-            self._reply(route, error_response(getattr(req, "id", None), exc))
+            self._refuse(route, req, exc)
         except Exception as exc:  # a bug must cost one request, never the supervisor
             log.exception("internal error while handling a request")
-            self._reply(route, error_response(None, InternalError(f"{type(exc).__name__}: {exc}")))
+            self._refuse(route, req, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _refuse(self, route: list[bytes], req: Any, err: EmbedError) -> None:
+        if isinstance(req, EmbedRequest):
+            self.table.refuse(route, req.id, err, req.backend or self.config.default_backend, len(req.texts))
+        else:
+            self._reply(route, error_response(getattr(req, "id", None), err))
 
     def _dispatch(self, route: list[bytes], body: bytes, req: Any) -> None:
         if isinstance(req, EmbedRequest):
             self._submit(route, body, req)
         elif isinstance(req, QueryRequest):
-            self._reply(route, ok_response(req.id, **getattr(self, f"_op_{req.op}")()))
+            self._reply(route, ok_response(req.id, **self._query(req.op)))
         elif isinstance(req, ControlRequest):
-            self._reply(route, ok_response(req.id, **self._control(req)))
+            self._reply(route, ok_response(req.id, **ops.control(self.pools, req)))
+
+    def _query(self, op: str) -> dict[str, Any]:
+        if op == "info":
+            return ops.info(self.pools, self.config.default_backend)
+        if op == "health":
+            return ops.health(self.pools)
+        return ops.status(self.pools, started=self.started, pending=len(self.table),
+                          quarantined=len(self.quarantine), endpoint=self.config.endpoint)
 
     def _submit(self, route: list[bytes], body: bytes, req: EmbedRequest) -> None:
         if not self.accepting:
@@ -264,27 +290,17 @@ class Supervisor:
             raise PoisonInput(reason)
         timeout = (req.timeout_ms / 1000.0 if req.timeout_ms else
                    pool.cfg.timeout_s or pool.cfg.policy.request_timeout_s)
-        self._seq += 1
-        p = Pending(seq=self._seq, route=route, rid=req.id, frame=body, texts=req.texts, backend=name,
-                    deadline=time.time() + timeout)
-        pool.submit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
-        self.pending[p.seq] = p
-        self.deadlines.push(p)
-        if len(self.deadlines) > 2 * len(self.pending) + 64:
-            # answered entries leave the heap only from its top: behind one long-lived earlier deadline
-            # they (and their request frames) would pile up; drop them all now and then (amortized O(1))
-            self.deadlines.compact()
-
-    def _expire(self, wall: float) -> None:
-        for p in self.deadlines.pop_expired(wall):
-            where = f"in worker {p.worker}" if p.worker and p.seq in self._worker_inflight(p) else "waiting in queue"
-            log.warning("request timeout: backend=%s id=%r texts=%d %s", p.backend, p.rid, len(p.texts), where)
-            self.answer_error(p, Timeout(f"no answer from backend {p.backend!r} within the deadline ({where})"))
-
-    def _worker_inflight(self, p: Pending) -> dict[int, Pending]:
-        pool = self.pools[p.backend]
-        w = pool.workers.get(p.worker or "")
-        return w.inflight if w else {}
+        if req.deadline_unix_ms is not None:
+            # the caller's own deadline: it stops waiting then, however long the frame sat in queues on
+            # the way (while no server was there, or behind a stalled loop); nothing is computed for nobody
+            left = req.deadline_unix_ms / 1000.0 - time.time()
+            if left <= 0:
+                raise Timeout("the request's deadline_unix_ms had passed when the server received it")
+            timeout = min(timeout, left)
+        p = self.table.create(route, req.id, body, req.texts, name, timeout, time.monotonic())
+        pool.admit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
+        self.table.add(p)
+        pool.pump()
 
     # ---- worker side -----------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[bytes]) -> None:
@@ -298,11 +314,15 @@ class Supervisor:
         wid = ident[:-3] if ident.endswith("/hb") else ident
         pool = self._wid_pool.get(wid)
         w = pool.workers.get(wid) if pool else None
-        if w is None:
+        if pool is None or w is None:
             return  # a message from a worker already gone
         w.last_heartbeat = time.monotonic()
         try:
-            if kind == WorkerMsg.DONE and len(frames) >= 3 and len(frames) % 2 == 1:
+            if kind == WorkerMsg.HEARTBEAT:
+                running = header.get("running")
+                if isinstance(running, list) and len(running) <= MAX_RUNNING_SEQS:
+                    w.running = [s for s in running if type(s) is int]
+            elif kind == WorkerMsg.DONE and len(frames) >= 3 and len(frames) % 2 == 1:
                 self._on_done(pool, w, header, frames)
             elif kind == WorkerMsg.READY:
                 info = header.get("info")
@@ -315,6 +335,7 @@ class Supervisor:
 
     def _on_done(self, pool: BackendPool, w: WorkerProcess, first: dict[str, Any], frames: list[bytes]) -> None:
         """[wid, header1, answer1, header2, answer2, ...]: forward each answer as is, then dispatch once."""
+        answer = self.table.answer
         for i in range(1, len(frames), 2):
             try:
                 header = first if i == 1 else parse_header(frames[i])
@@ -322,11 +343,13 @@ class Supervisor:
                 log.error("malformed done header from worker %s dropped", w.wid)
                 continue
             seq = header.get("seq")
-            p = pool.on_done(w, seq, pump=False) if type(seq) is int else None
-            if p is not None and not p.answered:
-                p.answered = True
-                self.pending.pop(p.seq, None)
-                self._reply(p.route, frames[i + 1])
+            p = pool.job_done(w, seq) if type(seq) is int else None
+            if p is not None:
+                code, tokens = header.get("code"), header.get("tokens")
+                answer(p, frames[i + 1], code if isinstance(code, str) else None,
+                       tokens if type(tokens) is int else None)
+        if "passes" in first:
+            pool.batches_run(w, first["passes"])
         pool.pump()
 
     def _on_worker_exit(self, w: WorkerProcess) -> None:
@@ -341,10 +364,11 @@ class Supervisor:
             return
         self.pools[w.cfg.name].on_exit(w, code)
 
-    def _reap_exiting(self, now: float) -> None:
+    def _reap_exiting(self) -> None:
+        now = time.monotonic()
         for item in list(self._exiting):
             w, since = item
-            code = w.proc.poll()
+            code = w.exit_code()
             if code is None:
                 if now - since > 2.0:  # lifeline closed but the process lives on: end it
                     w.signal(signal.SIGKILL)
@@ -352,78 +376,47 @@ class Supervisor:
             self._exiting.remove(item)
             self.pools[w.cfg.name].on_exit(w, code)
 
-    # ---- operations -------------------------------------------------------------------------------
-    def _op_info(self) -> dict[str, Any]:
-        backends = {}
-        for name, pool in self.pools.items():
-            info = pool.model_info or {}
-            backends[name] = {"kind": pool.cfg.kind, "model": info.get("model", pool.cfg.model),
-                              "dim": info.get("dim"), "max_tokens": info.get("max_tokens"),
-                              "state": pool.state.value, "replicas": pool.cfg.replicas,
-                              "extra": info.get("extra", {})}
-        return {"version": __version__, "protocol": 1, "default_backend": self.config.default_backend,
-                "backends": backends}
-
-    def _op_health(self) -> dict[str, Any]:
-        states = {name: pool.state.value for name, pool in self.pools.items()}
-        serving = [s for s in states.values() if s in (BState.READY.value, BState.DEGRADED.value)]
-        status = "ok" if all(s == BState.READY.value for s in states.values()) else (
-            "degraded" if serving else "unavailable")
-        return {"status": status, "backends": states}
-
-    def _op_status(self) -> dict[str, Any]:
-        me = psutil.Process()
-        cpu = me.cpu_times()
-        return {"supervisor": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
-                               "rss_mb": round(me.memory_info().rss / 2**20, 1),
-                               "cpu_s": round(cpu.user + cpu.system, 3), "pending": len(self.pending),
-                               "quarantined": len(self.quarantine), "endpoint": self.config.endpoint},
-                "backends": {name: pool.status() for name, pool in self.pools.items()}}
-
-    def _control(self, req: ControlRequest) -> dict[str, Any]:
-        pool = self.pools.get(req.backend)
-        if pool is None:
-            raise UnknownBackend(f"no backend named {req.backend!r}; configured: {', '.join(self.pools)}")
-        log.info("operator %s: backend=%s", req.op, req.backend)
-        {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
-        return {"backend": req.backend, "state": pool.state.value}
-
     # ---- shutdown ----------------------------------------------------------------------------------
     def _busy(self) -> bool:
-        return bool(self.pending)
+        return bool(self.table)
 
     def _drain(self) -> None:
-        """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest."""
+        """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest.
+        A second SIGTERM/SIGINT ends the wait at once."""
         self.accepting = False
-        log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.pending), self.config.drain_timeout_s)
+        log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.table), self.config.drain_timeout_s)
         self._stop_requested = False
-        self._loop(until=time.monotonic() + self.config.drain_timeout_s)
-        for p in list(self.pending.values()):
-            self.answer_error(p, ShuttingDown("the server shut down before this request finished"))
+        if not self._force_stop:
+            self._loop(until=time.monotonic() + self.config.drain_timeout_s)
+        if self._force_stop:
+            log.warning("second stop signal: stopping now, pending=%d", len(self.table))
+        self.table.fail_all(ShuttingDown("the server shut down before this request finished"))
 
-    def _shutdown_workers(self) -> None:
-        """STOP each worker, then SIGTERM, then SIGKILL whatever is left; nothing outlives us."""
+    def _shutdown_workers(self, fast: bool = False) -> None:
+        """STOP each worker, then SIGTERM, then SIGKILL whatever is left; nothing outlives us.
+        ``fast``: SIGTERM at once, SIGKILL after FAST_STOP_S."""
         workers = [w for pool in self.pools.values() for w in pool.workers.values() if w.proc is not None]
         for w in workers:
-            if w.state == WState.READY:
+            if w.state == WState.READY and not fast:
                 self.send_stop(w)
             else:
                 w.signal(signal.SIGTERM)
-        grace = max(p.cfg.policy.stop_timeout_s for p in self.pools.values())
-        for sig, wait in ((None, grace), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
-            alive = [w for w in workers if w.proc.poll() is None]
+                w.signal(signal.SIGCONT)
+        grace = 0.0 if fast else max(p.cfg.policy.stop_timeout_s for p in self.pools.values())
+        stages = ((None, FAST_STOP_S), (signal.SIGKILL, 5.0)) if fast else (
+            (None, grace), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0))
+        for sig, wait in stages:
+            alive = [w for w in workers if w.exit_code() is None]
             for w in alive:
                 if sig is not None:
                     w.signal(sig)
             end = time.monotonic() + wait
             for w in alive:
-                try:
-                    w.proc.wait(timeout=max(0.01, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+                w.wait_exit(max(0.01, end - time.monotonic()))
         for w in workers:
-            log.info("worker exit: backend=%s wid=%s pid=%s reason=shutdown (%s)", w.cfg.name, w.wid, w.pid,
-                     describe_exit(w.proc.poll()))
+            reason = f"shutdown ({describe_exit(w.exit_code())})"
+            log.info("worker exit: backend=%s wid=%s pid=%s reason=%s", w.cfg.name, w.wid, w.pid, reason)
+            self.events.emit(WorkerExited(w.cfg.name, w.wid, w.pid, reason, "planned", w.uptime()))
             w.close_lifeline()
 
     def _close(self) -> None:

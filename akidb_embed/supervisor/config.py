@@ -3,39 +3,23 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef, unused-ignore]
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from akidb_embed.kinds import KIND_NAMES, kind_of
+from akidb_embed.protocol.endpoint import default_endpoint
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-KINDS = ("mock", "onnx", "sentence-transformers", "mlx", "python-bridge", "torch")
-PROVIDER_KINDS = {"mlx": "mlx", "python-bridge": "onnx", "mock": "mock", "onnx": "onnx",
-                  "sentence-transformers": "sentence-transformers", "torch": "sentence-transformers"}
-
-
-# Kind-specific keys of a [backends.NAME] table (documented in config.toml and each backend module).
-_MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"}
-OPTION_KEYS: dict[str, set[str]] = {
-    "mock": {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file", "crash_on",
-             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"},
-    "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"},
-    "sentence-transformers": _MODEL_KEYS | {"device", "threads"},
-    "mlx": set(_MODEL_KEYS),
-}
+KINDS = KIND_NAMES
 
 
 class ConfigError(Exception):
     """A configuration problem, naming the file, the key and what is allowed."""
-
-
-def default_endpoint() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return f"ipc://{Path(runtime) / 'akidb-embed.sock'}"
 
 
 @dataclass(frozen=True)
@@ -114,7 +98,7 @@ def _check_keys(src: str, where: str, table: Mapping[str, Any], allowed: set[str
 
 
 def _policy(src: str, where: str, table: Mapping[str, Any], base: Policy) -> Policy:
-    values = {k: float(_check_value(src, where, k, v)) if k != "restart_max" else _check_value(src, where, k, v)
+    values: dict[str, Any] = {k: float(_check_value(src, where, k, v)) if k != "restart_max" else _check_value(src, where, k, v)
               for k, v in table.items() if k in _POLICY_KEYS}
     return replace(base, **values)
 
@@ -130,10 +114,10 @@ def _backend(src: str, name: str, table: Any, policy: Policy) -> BackendConfig:
         raise ConfigError(f"{src}: {where}.kind = {kind!r} is not a backend kind; allowed: {', '.join(KINDS)}")
     plain = {k: _check_value(src, where, k, v) for k, v in table.items() if k in _BACKEND_KEYS}
     options = {k: v for k, v in table.items() if k not in _BACKEND_KEYS and k not in _POLICY_KEYS}
-    _check_keys(src, where, table, OPTION_KEYS[PROVIDER_KINDS[kind]] | _BACKEND_KEYS | set(_POLICY_KEYS))
+    _check_keys(src, where, table, set(kind_of(kind).options) | _BACKEND_KEYS | set(_POLICY_KEYS))
     if kind == "mock":
         plain.setdefault("model", "mock")
-    plain["kind"] = PROVIDER_KINDS[kind]
+    plain["kind"] = kind_of(kind).name
     python = plain.get("python")
     if python and not (Path(python).is_file() and os.access(python, os.X_OK)):
         raise ConfigError(f"{src}: {where}.python = {python!r} is not an executable file")

@@ -1,4 +1,5 @@
-"""Restart policy of one backend: exponential backoff and an intensity limit (N crashes in T seconds)."""
+"""Restart policy of one backend: capped exponential backoff and two limits: N crashes in T seconds, and
+N consecutive crashes with no worker becoming ready in between (a slow crash loop, a start-up hang)."""
 from __future__ import annotations
 
 from collections import deque
@@ -18,9 +19,10 @@ class RestartPolicy:
         while self.crashes and self.crashes[0] < now - self.p.restart_window_s:
             self.crashes.popleft()
         self.consecutive += 1
-        if len(self.crashes) > self.p.restart_max:
+        if len(self.crashes) > self.p.restart_max or self.consecutive > self.p.restart_max:
             return None
-        return min(self.p.restart_backoff_max_s, self.p.restart_backoff_min_s * 2 ** (self.consecutive - 1))
+        doublings = min(self.consecutive - 1, 32)   # 2 ** 1024 overflows a float; the cap is reached long before
+        return float(min(self.p.restart_backoff_max_s, self.p.restart_backoff_min_s * 2 ** doublings))
 
     def record_ready(self) -> None:
         """A worker came up: the next crash starts again from the shortest backoff."""

@@ -10,11 +10,14 @@ import subprocess
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from akidb_embed.supervisor.config import BackendConfig
+
+if TYPE_CHECKING:
+    from akidb_embed.supervisor.requests import Request
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class WorkerProcess:
         self.state = WState.STARTING
         self.proc: subprocess.Popen[bytes] | None = None
         self.lifeline: socket.socket | None = None
-        self.inflight: dict[int, Any] = {}     # seq -> Pending
+        self.inflight: dict[int, Request] = {}     # seq -> Request handed to it and not returned yet
+        self.running: list[int] = []           # seqs of its current forward pass (from its last heartbeat)
         self.isolating = False                 # holds one suspect request alone
         self.started_at = time.monotonic()
         self.last_heartbeat = time.monotonic()
@@ -59,6 +63,7 @@ class WorkerProcess:
         self.hung = False                       # killed for holding a request past its deadline (heartbeats alive)
         self.recycle_reason: str | None = None  # why it is being replaced gracefully, when it is
         self.stop_stage_at: float | None = None
+        self.stop_signalled = False             # we sent SIGTERM/SIGKILL to end a stop that took too long
         self._ps: psutil.Process | None = None
 
     def command(self) -> list[str]:
@@ -74,7 +79,10 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         cmd = self.command() + ["--lifeline-fd", str(child_end.fileno())]
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            # its own session: a signal to the supervisor's process group (systemd's control-group kill,
+            # docker stop, Ctrl-C) reaches only the supervisor, which then stops its workers in order
+            self.proc = subprocess.Popen(cmd, pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         except OSError:
             parent_end.close()
             raise
@@ -86,8 +94,6 @@ class WorkerProcess:
             self._ps = psutil.Process(self.proc.pid)
         except psutil.Error:
             self._ps = None
-        log.info("worker start: backend=%s wid=%s pid=%d python=%s", self.cfg.name, self.wid, self.proc.pid,
-                 self.cfg.python)
 
     @property
     def pid(self) -> int | None:
@@ -104,6 +110,17 @@ class WorkerProcess:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def exit_code(self) -> int | None:
+        """Its exit status once it has ended (None while it runs or if it never started)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def wait_exit(self, timeout: float) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
 
     def close_lifeline(self) -> None:
         if self.lifeline is not None:

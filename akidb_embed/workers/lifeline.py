@@ -40,6 +40,7 @@ class Heartbeat:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, wid: str, interval_s: float) -> None:
         self.busy = False
+        self.running: list[int] = []   # seqs of the forward pass under way (set by the main thread)
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -55,7 +56,8 @@ class Heartbeat:
         pid = os.getpid()
         while not self._stop.is_set():
             try:
-                self._sock.send(worker_header(WorkerMsg.HEARTBEAT, wid=self._wid, pid=pid, busy=self.busy),
+                self._sock.send(worker_header(WorkerMsg.HEARTBEAT, wid=self._wid, pid=pid, busy=self.busy,
+                                              running=self.running),
                                 zmq.NOBLOCK)
             except zmq.Again:
                 pass

@@ -38,11 +38,12 @@ class WorkerSettings:
 @dataclass
 class Job:
     seq: int
-    deadline: float
+    deadline: float                   # monotonic: receipt + the budget the supervisor gave
     request: EmbedRequest
     vectors: np.ndarray | None = None
     remaining: int = 0
     failed: bool = False
+    tokens: int = 0
 
 
 class Worker:
@@ -57,7 +58,9 @@ class Worker:
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None
         self.stopping = False
-        self._outbox: list[bytes] = []   # finished (header, answer) pairs waiting for _flush
+        self._outbox: list[tuple[int, str | None, bytes, int | None]] = []   # (seq, code, answer, tokens)
+        self._passes: list[list[float]] = []   # [texts, tokens, seconds] per forward pass, sent with answers
+        self._slot_tokens: dict[Slot, int] = {}   # tokens of each text of the jobs being processed
 
     # ---- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -117,13 +120,14 @@ class Worker:
             request = parse_request(frames[1])
             if not isinstance(request, EmbedRequest):
                 raise ValueError("job is not an embed request")
-            return Job(seq=int(header["seq"]), deadline=float(header["deadline"]), request=request)
+            budget_s = float(header["budget_ms"]) / 1000.0   # relative: no clock shared with the supervisor
+            return Job(seq=int(header["seq"]), deadline=time.monotonic() + budget_s, request=request)
         except Exception as exc:  # a bad frame is logged and dropped; the supervisor's deadline answers it
             log.error("worker %s dropped a malformed job: %s", self.s.wid, exc)
             return None
 
     def _process(self, jobs: list[Job]) -> None:
-        now = time.time()
+        now = time.monotonic()
         live = []
         for job in jobs:
             if job.deadline <= now:
@@ -138,8 +142,11 @@ class Worker:
         except Exception:  # only a grouping hint: fall back to the generic estimate, let embed report errors
             log.exception("worker %s: token_lengths failed; grouping by estimate", self.s.wid)
             lengths = Backend.token_lengths(self.backend, [text for _, text in slots])
+        self._slot_tokens = {}
         for (slot, _), length in zip(slots, lengths):
             live[slot.job].remaining += 1
+            live[slot.job].tokens += length
+            self._slot_tokens[slot] = length
         groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
                              self.s.max_batch_size, self.s.max_batch_tokens)
         truncated = [0] * len(live)
@@ -148,7 +155,7 @@ class Worker:
             self._flush()   # the requests this pass finished are answered now, together
 
     def _run_group(self, jobs: list[Job], group: list[Slot], truncated: list[int]) -> None:
-        now = time.time()
+        now = time.monotonic()
         todo = [slot for slot in group if not jobs[slot.job].failed]
         for slot in todo:
             job = jobs[slot.job]
@@ -158,11 +165,17 @@ class Worker:
         todo = [slot for slot in todo if not jobs[slot.job].failed]
         if not todo:
             return
+        self.heartbeat.running = sorted({jobs[s.job].seq for s in todo})   # what a hang would be blamed on
+        started = time.perf_counter()
         try:
             out = self.backend.embed([jobs[s.job].request.texts[s.row] for s in todo])
         except Exception as exc:
             self._group_failed(jobs, todo, truncated, exc)
             return
+        finally:
+            self.heartbeat.running = []
+        self._passes.append([len(todo), sum(self._slot_tokens.get(s, 0) for s in todo),
+                             round(time.perf_counter() - started, 6)])
         if out.truncated_rows is None and out.truncated and len({s.job for s in todo}) == 1:
             truncated[todo[0].job] += out.truncated   # no per-row flags, but one owner: the count is exact
         else:
@@ -203,20 +216,22 @@ class Worker:
             vectors = vectors / np.maximum(norms, 1e-12)
         response = embed_response(job.request.id, vectors, dtype=job.request.dtype, backend=self.s.backend,
                                   model=self.info.model, truncated=truncated)
-        self._send_done(done_msg(job.seq, None, response))
+        self._outbox.append((job.seq, None, response, job.tokens))
 
     def _reply_error(self, job: Job, err: EmbedError) -> None:
-        self._send_done(done_msg(job.seq, err.code.value, error_response(job.request.id, err)))
-
-    def _send_done(self, parts: list[bytes]) -> None:
-        self._outbox.extend(parts)
+        self._outbox.append((job.seq, err.code.value, error_response(job.request.id, err), job.tokens or None))
 
     def _flush(self) -> None:
-        """Send every finished answer as one message [header1, answer1, header2, answer2, ...]."""
+        """Send every finished answer as one message [header1, answer1, header2, answer2, ...]; the first
+        header also carries the forward passes run since the last message."""
         out = self._outbox
         if not out:
             return
         self._outbox = []
+        passes, self._passes = self._passes, []
         last = len(out) - 1
-        for i, part in enumerate(out):  # plain sends: pyzmq's send_multipart costs ~5x more per part
-            self.sock.send(part, zmq.SNDMORE if i < last else 0)
+        for i, (seq, code, answer, tokens) in enumerate(out):
+            header, answer = done_msg(seq, code, answer, tokens, passes if i == 0 else None)
+            # plain sends: pyzmq's send_multipart costs ~5x more per part
+            self.sock.send(header, zmq.SNDMORE)
+            self.sock.send(answer, zmq.SNDMORE if i < last else 0)

@@ -1,36 +1,25 @@
-"""Backend registry: kind name -> class, imported lazily so a worker loads only its own runtime."""
+"""Backend registry: kinds come from akidb_embed.kinds; each class is imported lazily so a worker loads
+only its own runtime."""
 from __future__ import annotations
 
 import importlib
 from typing import Any, Mapping
 
+from akidb_embed.kinds import ALIASES, KIND_NAMES, kind_of
 from akidb_embed.workers.backends.base import Backend, EmbedOutput, ModelInfo
 
-# kind -> "module:Class"; importing the module is what pulls in a runtime.
-_REGISTRY: dict[str, str] = {
-    "mock": "akidb_embed.workers.backends.mock:MockBackend",
-    "onnx": "akidb_embed.workers.backends.onnx:OnnxBackend",
-    "sentence-transformers": "akidb_embed.workers.backends.st:SentenceTransformersBackend",
-    "mlx": "akidb_embed.workers.backends.mlx:MlxBackend",
-}
-
-ALIASES: dict[str, str] = {"python-bridge": "onnx", "torch": "sentence-transformers"}
-
-KINDS: tuple[str, ...] = tuple(_REGISTRY) + tuple(ALIASES)
+KINDS: tuple[str, ...] = KIND_NAMES
 
 
 def canonical_kind(kind: str) -> str:
     """Resolve an alias (``python-bridge`` -> ``onnx``); raises KeyError for unknown kinds."""
-    kind = ALIASES.get(kind, kind)
-    if kind not in _REGISTRY:
-        raise KeyError(kind)
-    return kind
+    return kind_of(kind).name
 
 
 def create_backend(kind: str, model: str, options: Mapping[str, Any]) -> Backend:
-    module_name, _, class_name = _REGISTRY[canonical_kind(kind)].partition(":")
+    module_name, _, class_name = kind_of(kind).target.partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(model, options)
+    return cls(model, options)  # type: ignore[no-any-return]
 
 
 __all__ = ["ALIASES", "KINDS", "Backend", "EmbedOutput", "ModelInfo", "canonical_kind", "create_backend"]

@@ -2,7 +2,8 @@
 
 Options (all optional): ``dim`` (384), ``delay_ms`` (per batch), ``startup_delay_ms``,
 ``startup_crash`` (exit during load), ``startup_crash_file`` (a path: exit during load while that
-file exists, so a test can end a crash loop by deleting it), ``crash_on`` (a text that kills the process abruptly),
+file exists, so a test can end a crash loop by deleting it), ``load_fail_file`` (a path: load reports a
+failure, as a missing model would, while that file exists), ``crash_on`` (a text that kills the process abruptly),
 ``hang_on`` (a text that blocks embed forever), ``fail_on`` (a text answered with an error),
 ``leak_mb_per_request`` (memory kept per embed call), ``max_tokens`` (512).
 """
@@ -16,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from akidb_embed.protocol.errors import InternalError
+from akidb_embed.protocol.errors import BackendUnavailable, InternalError
 from akidb_embed.workers.backends.base import Backend, EmbedOutput, ModelInfo
 
 
@@ -45,6 +46,9 @@ class MockBackend(Backend):
         crash_file = self.options.get("startup_crash_file")
         if crash_file and os.path.exists(crash_file):
             os._exit(3)
+        fail_file = self.options.get("load_fail_file")
+        if fail_file and os.path.exists(fail_file):
+            raise BackendUnavailable(f"mock load_fail_file: {fail_file} exists")
         return ModelInfo(model=self.model or "mock", dim=self.dim, max_tokens=self.max_tokens,
                          extra={"deterministic": True})
 

@@ -1,0 +1,162 @@
+"""The request table: one record per request, its deadline, and the one function that answers it.
+
+State machine of a request (``Request.state``)::
+
+    QUEUED --hand_to(w)--> RUNNING --(worker died, retry)--> QUEUED | RETRYING (suspect, runs alone)
+       \\                     |                                   |
+        \\                    +--done / error / timeout / --------+--> ANSWERED (only via RequestTable.answer)
+         +--timeout / backend stopped or failed / shutdown ----------> ANSWERED
+
+Every other container (a backend's queue, a worker's in-flight map) holds references to these
+records and skips those already ANSWERED; only :meth:`RequestTable.answer` sets that state.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+from akidb_embed.protocol.errors import EmbedError, Timeout
+from akidb_embed.protocol.messages import error_response
+from akidb_embed.supervisor.events import Events, RequestAnswered
+
+log = logging.getLogger(__name__)
+
+Reply = Callable[[list[bytes], bytes], None]
+
+
+class RState(str, Enum):
+    QUEUED = "queued"        # waiting in its backend's queue
+    RUNNING = "running"      # handed to worker ``Request.worker``
+    RETRYING = "retrying"    # its worker died holding it: waits to run alone on a worker (poison search)
+    ANSWERED = "answered"    # the client has its answer; late results are dropped
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    seq: int                    # supervisor-wide id, also used on the worker channel
+    route: list[bytes]          # ROUTER envelope to answer the client with (identity[, b""])
+    rid: Any                    # the client's request id
+    frame: bytes                # the client's request frame, forwarded to the worker unchanged
+    texts: list[str]
+    backend: str
+    arrived: float              # monotonic
+    deadline: float             # monotonic; the worker gets what is left of it as a budget
+    budget_s: float             # the time it was given (a re-run probe gets as much again)
+    state: RState = RState.QUEUED
+    worker: str | None = None   # wid of the worker it runs on (RUNNING)
+    attempts: int = 0           # hand-overs so far
+    handed_at: float | None = None   # first hand-over (monotonic)
+    last_handed: float | None = None
+    probe: bool = False         # answered already; re-run only to find the input that hung a worker
+
+    @property
+    def peer(self) -> bytes:
+        """The client connection it came from (its ZeroMQ identity): for per-client accounting."""
+        return self.route[0]
+
+    @property
+    def answered(self) -> bool:
+        return self.state is RState.ANSWERED
+
+    def hand_to(self, wid: str, now: float) -> None:
+        if self.state is not RState.ANSWERED:   # a probe stays answered: its result goes to nobody
+            self.state = RState.RUNNING
+        self.worker = wid
+        self.attempts += 1
+        self.last_handed = now
+        if self.handed_at is None:
+            self.handed_at = now
+
+    def back_to_queue(self, suspect: bool) -> None:
+        if not self.answered:
+            self.state = RState.RETRYING if suspect else RState.QUEUED
+        self.worker = None
+
+    def budget_ms(self, now: float) -> int:
+        return max(1, int((self.deadline - now) * 1000))
+
+
+class RequestTable:
+    """Owns every request from arrival to answer; the deadlines; the answer point."""
+
+    def __init__(self, reply: Reply, events: Events) -> None:
+        self._reply = reply
+        self._events = events
+        self.live: dict[int, Request] = {}
+        self._heap: list[tuple[float, int, Request]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def create(self, route: list[bytes], rid: Any, frame: bytes, texts: list[str], backend: str,
+               timeout_s: float, now: float) -> Request:
+        """A new record (not yet in the table: add it once its backend accepted it)."""
+        self._seq += 1
+        return Request(seq=self._seq, route=route, rid=rid, frame=frame, texts=texts, backend=backend,
+                       arrived=now, deadline=now + timeout_s, budget_s=timeout_s)
+
+    def add(self, req: Request) -> None:
+        self.live[req.seq] = req
+        heapq.heappush(self._heap, (req.deadline, req.seq, req))
+        if len(self._heap) > 2 * len(self.live) + 64:
+            # answered entries leave the heap only from its top: behind one long-lived earlier deadline
+            # they (and their request frames) would pile up; drop them all now and then (amortized O(1))
+            self._heap = [e for e in self._heap if not e[2].answered]
+            heapq.heapify(self._heap)
+
+    @property
+    def heap_size(self) -> int:
+        return len(self._heap)
+
+    # ---- the answer point ------------------------------------------------------------------
+    def answer(self, req: Request, frame: bytes, code: str | None, tokens: int | None = None) -> bool:
+        """Send ``frame`` to the client unless the request is answered already. The only place that
+        answers a request the table holds. Returns whether it answered."""
+        if req.state is RState.ANSWERED:
+            return False
+        req.state = RState.ANSWERED
+        self.live.pop(req.seq, None)
+        self._reply(req.route, frame)
+        now = time.monotonic()
+        handed = req.handed_at
+        self._events.emit(RequestAnswered(
+            backend=req.backend, code=code, texts=len(req.texts), tokens=tokens,
+            queue_s=(handed if handed is not None else now) - req.arrived,
+            run_s=now - req.last_handed if req.last_handed is not None else 0.0, total_s=now - req.arrived))
+        return True
+
+    def fail(self, req: Request, err: EmbedError) -> bool:
+        return self.answer(req, error_response(req.rid, err), err.code.value)
+
+    def refuse(self, route: list[bytes], rid: Any, err: EmbedError, backend: str = "", texts: int = 0) -> None:
+        """Answer a request that never entered the table (refused on arrival)."""
+        self._reply(route, error_response(rid, err))
+        self._events.emit(RequestAnswered(backend=backend, code=err.code.value, texts=texts, tokens=None,
+                                          queue_s=0.0, run_s=0.0, total_s=0.0))
+
+    def fail_all(self, err: EmbedError) -> None:
+        for req in list(self.live.values()):
+            self.fail(req, err)
+
+    # ---- deadlines -------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].answered:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and (heap[0][2].answered or heap[0][0] <= now):
+            _, _, req = heapq.heappop(heap)
+            if req.answered:
+                continue
+            where = f"in worker {req.worker}" if req.state is RState.RUNNING else "waiting in queue"
+            log.warning("request timeout: backend=%s id=%r texts=%d %s", req.backend, req.rid, len(req.texts),
+                        where)
+            self.fail(req, Timeout(f"no answer from backend {req.backend!r} within the deadline ({where})"))
