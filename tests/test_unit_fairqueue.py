@@ -104,3 +104,15 @@ def test_peek_shows_what_pop_returns() -> None:
         assert seen is got
         if got is None:
             break
+
+
+def test_peer_tokens_follow_pushes_pops_and_dropped_units() -> None:
+    q: FairQueue[U] = FairQueue()
+    a, b = U(b"p", 30), U(b"p", 20, LOW)
+    q.push(a)
+    q.push(b)
+    q.push_front(U(b"x", 7))
+    assert q.peer_tokens(b"p") == 50 and q.peer_tokens(b"x") == 7
+    a.answered = True
+    assert q.pop().peer == b"x"          # pushed to the front of a new peer: first
+    assert q.pop() is b and q.peer_tokens(b"p") == 0 and q.peer_tokens(b"nobody") == 0

@@ -40,7 +40,7 @@ def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
     class W:
         peer: bytes
         cost: int
-        texts: int
+        n_texts: int
         interactive: bool
         priority: int = 1
 

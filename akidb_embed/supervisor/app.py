@@ -33,7 +33,8 @@ from akidb_embed.supervisor.events import Events, WorkerExited
 from akidb_embed.supervisor.pool import BackendPool
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 from akidb_embed.supervisor.quarantine import Quarantine
-from akidb_embed.supervisor.requests import Request, RequestTable
+from akidb_embed.supervisor.jobs import Job
+from akidb_embed.supervisor.requests import RequestTable
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Supervisor:
             w.close_lifeline()
         self._wid_pool.pop(w.wid, None)
 
-    def send_jobs(self, w: WorkerProcess, jobs: list[Request]) -> None:
+    def send_jobs(self, w: WorkerProcess, jobs: list[Job]) -> None:
         """All jobs for one worker as one message: [wid, header1, frame1, header2, frame2, ...].
 
         One message per pump instead of one per request: each ZeroMQ message costs I/O-thread
@@ -298,7 +299,7 @@ class Supervisor:
                 raise Timeout("the request's deadline_unix_ms had passed when the server received it")
             timeout = min(timeout, left)
         p = self.table.create(route, req.id, body, req.texts, name, timeout, time.monotonic())
-        pool.admit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
+        pool.admit(p, req.priority)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
         self.table.add(p)
         pool.pump()
 
@@ -334,8 +335,9 @@ class Supervisor:
             log.exception("frame %r from worker %s dropped: internal error while handling it", kind, ident)
 
     def _on_done(self, pool: BackendPool, w: WorkerProcess, first: dict[str, Any], frames: list[bytes]) -> None:
-        """[wid, header1, answer1, header2, answer2, ...]: forward each answer as is, then dispatch once."""
-        answer = self.table.answer
+        """[wid, header1, answer1, header2, answer2, ...]: forward each answer as is (a part's answer waits
+        for its siblings), then dispatch once."""
+        answered = self.table.job_answered
         for i in range(1, len(frames), 2):
             try:
                 header = first if i == 1 else parse_header(frames[i])
@@ -343,11 +345,11 @@ class Supervisor:
                 log.error("malformed done header from worker %s dropped", w.wid)
                 continue
             seq = header.get("seq")
-            p = pool.job_done(w, seq) if type(seq) is int else None
-            if p is not None:
+            job = pool.job_done(w, seq) if type(seq) is int else None
+            if job is not None and not job.probe:
                 code, tokens = header.get("code"), header.get("tokens")
-                answer(p, frames[i + 1], code if isinstance(code, str) else None,
-                       tokens if type(tokens) is int else None)
+                answered(job.req, job.index, frames[i + 1], code if isinstance(code, str) else None,
+                         tokens if type(tokens) is int else None)
         if "passes" in first:
             pool.batches_run(w, first["passes"])
         pool.pump()

@@ -51,6 +51,12 @@ class BackendConfig:
     max_inflight: int = 64               # requests handed to one worker at a time
     max_batch_size: int = 16             # texts in one forward pass (16 measured best on CPU)
     max_batch_tokens: int = 4096         # padded tokens (longest x count) in one forward pass
+    default_priority: str = "normal"     # priority of requests that name none: high | normal | low
+    latency_pass_ms: float = 30.0        # while queries are around, a bulk pass holds about this much work
+    interactive_window_s: float = 2.0    # ... and "around" means seen within this many seconds
+    interactive_tokens: int = 256        # a request is a query when its client has at most this many tokens queued
+    part_tokens: int = 128               # larger requests are cut into parts of about this many tokens
+    fair_quantum_tokens: int = 512       # fair share: tokens a client may use per turn before the next client
     memory_limit_mb: float | None = None # worker RSS past this -> recycled gracefully
     max_requests_per_worker: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # kind-specific (mock: dim, delay_ms, ...)
@@ -72,16 +78,19 @@ _BACKEND_KEYS = {f.name for f in fields(BackendConfig)} - {"name", "options", "p
 _SERVER_KEYS = {"endpoint", "default_backend"}
 _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
-             "max_requests_per_worker", "restart_max"}
+             "max_requests_per_worker", "restart_max", "interactive_tokens", "part_tokens", "fair_quantum_tokens"}
 _POSITIVE_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
-                  "max_requests_per_worker"}
-_STR_KEYS = {"kind", "model", "python", "endpoint", "default_backend"}
+                  "max_requests_per_worker", "part_tokens", "fair_quantum_tokens", "latency_pass_ms"}
+_STR_KEYS = {"kind", "model", "python", "endpoint", "default_backend", "default_priority"}
+PRIORITY_NAMES = ("high", "normal", "low")
 
 
 def _check_value(src: str, where: str, key: str, value: Any) -> Any:
     if key in _STR_KEYS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{src}: {where}.{key} must be a non-empty string, got {value!r}")
+        if key == "default_priority" and value not in PRIORITY_NAMES:
+            raise ConfigError(f"{src}: {where}.{key} = {value!r}; allowed: {', '.join(PRIORITY_NAMES)}")
         return value
     ok = isinstance(value, int) if key in _INT_KEYS else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or value < 0 or (key in _POSITIVE_KEYS and value < 1):

@@ -28,9 +28,12 @@ DEFAULT_PATIENCE = {NORMAL: 10, LOW: 20}
 
 
 class Unit(Protocol):
-    peer: bytes
-    priority: int
-    cost: int
+    @property
+    def peer(self) -> bytes: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def cost(self) -> int: ...
 
     def alive(self) -> bool: ...
 
@@ -47,15 +50,26 @@ class _Class(Generic[U]):
         self.new: OrderedDict[bytes, None] = OrderedDict()
         self.old: OrderedDict[bytes, None] = OrderedDict()
         self.deficit: dict[bytes, int] = {}
+        self.tokens: dict[bytes, int] = {}     # estimated tokens queued per peer
         self.count = 0
 
-    def push(self, unit: U) -> None:
-        q = self.queues.get(unit.peer)
+    def _queue_of(self, peer: bytes) -> deque[U]:
+        q = self.queues.get(peer)
         if q is None:
-            q = self.queues[unit.peer] = deque()
-            self.new[unit.peer] = None
-            self.deficit[unit.peer] = self.quantum
-        q.append(unit)
+            q = self.queues[peer] = deque()
+            self.new[peer] = None
+            self.deficit[peer] = self.quantum
+            self.tokens[peer] = 0
+        return q
+
+    def push(self, unit: U) -> None:
+        self._queue_of(unit.peer).append(unit)
+        self.tokens[unit.peer] += unit.cost
+        self.count += 1
+
+    def push_front(self, unit: U) -> None:
+        self._queue_of(unit.peer).appendleft(unit)
+        self.tokens[unit.peer] += unit.cost
         self.count += 1
 
     def _select(self) -> bytes | None:
@@ -67,7 +81,7 @@ class _Class(Generic[U]):
             peer = next(iter(ring))
             q = self.queues[peer]
             while q and not q[0].alive():
-                q.popleft()
+                self.tokens[peer] -= q.popleft().cost
                 self.count -= 1
             if not q:
                 self._forget(ring, peer)
@@ -93,6 +107,7 @@ class _Class(Generic[U]):
         q = self.queues[peer]
         unit = q.popleft()
         self.count -= 1
+        self.tokens[peer] -= unit.cost
         self.deficit[peer] -= max(1, unit.cost)
         if not q:
             self._forget(ring, peer)
@@ -106,6 +121,7 @@ class _Class(Generic[U]):
         del ring[peer]
         del self.queues[peer]
         del self.deficit[peer]
+        del self.tokens[peer]
 
     def units(self) -> Iterator[U]:
         for q in self.queues.values():
@@ -156,6 +172,14 @@ class FairQueue(Generic[U]):
         for c in range(cls + 1, len(self.classes)):
             if self.classes[c].count:
                 self.passed_over[c] += 1
+
+    def push_front(self, unit: U) -> None:
+        """Back at the head of its peer's queue (a job whose worker stopped before running it)."""
+        self.classes[unit.priority].push_front(unit)
+
+    def peer_tokens(self, peer: bytes) -> int:
+        """Estimated tokens ``peer`` has waiting, in every class."""
+        return sum(q.tokens.get(peer, 0) for q in self.classes)
 
     def __len__(self) -> int:
         """Units waiting, including answered ones not reached yet (they are dropped when reached)."""

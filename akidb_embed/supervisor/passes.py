@@ -57,11 +57,16 @@ class PassSizer:
 
 class Work(Protocol):
     """What a pass is made of: a queued unit (see fairqueue.Unit) with its size and kind."""
-    peer: bytes
-    priority: int
-    cost: int             # estimated tokens
-    texts: int
-    interactive: bool     # a small request from a client with little else queued (a query)
+    @property
+    def peer(self) -> bytes: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def cost(self) -> int: ...             # estimated tokens
+    @property
+    def n_texts(self) -> int: ...
+    @property
+    def interactive(self) -> bool: ...   # a small request from a client with little else queued (a query)
 
     def alive(self) -> bool: ...
 
@@ -76,14 +81,14 @@ def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: i
     first = queue.pop()
     if first is None:
         return []
-    units, tokens, texts = [first], first.cost, first.texts
+    units, tokens, texts = [first], first.cost, first.n_texts
     budget = sizer.max_batch_tokens if first.interactive else sizer.budget(now)
     while True:
         nxt = queue.peek()
         if (nxt is None or nxt.interactive != first.interactive or tokens + nxt.cost > budget
-                or texts + nxt.texts > max_texts):
+                or texts + nxt.n_texts > max_texts):
             return units
         queue.pop()
         units.append(nxt)
         tokens += nxt.cost
-        texts += nxt.texts
+        texts += nxt.n_texts

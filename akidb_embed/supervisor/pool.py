@@ -20,6 +20,7 @@ from akidb_embed.supervisor.events import (
 from akidb_embed.supervisor.policy import RestartPolicy
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 from akidb_embed.supervisor.quarantine import Quarantine
+from akidb_embed.supervisor.jobs import Job
 from akidb_embed.supervisor.requests import Request, RequestTable
 from akidb_embed.supervisor.scheduler import Scheduler
 
@@ -44,7 +45,7 @@ class Host(Protocol):
     table: RequestTable
     events: Events
 
-    def send_jobs(self, w: WorkerProcess, jobs: list[Request]) -> None: ...
+    def send_jobs(self, w: WorkerProcess, jobs: list[Job]) -> None: ...
     def send_stop(self, w: WorkerProcess) -> None: ...
     def watch(self, w: WorkerProcess) -> None: ...
     def unwatch(self, w: WorkerProcess) -> None: ...
@@ -197,7 +198,7 @@ class BackendPool:
                 self.replacing[new.wid] = wid
 
     # ---- requests ----------------------------------------------------------------------------
-    def admit(self, req: Request) -> None:
+    def admit(self, req: Request, priority: str | None = None) -> None:
         """Accept a request for this backend (raises when it must be refused at once)."""
         if self.stopped:
             raise BackendUnavailable(f"backend {self.cfg.name!r} is stopped; start it with `akidb-embed start "
@@ -206,23 +207,24 @@ class BackendPool:
             wait = self.failed_until - time.monotonic()
             raise BackendUnavailable(f"backend {self.cfg.name!r} is FAILED ({self.last_exit}); "
                                      f"next attempt in {max(0.0, wait):.1f} s")
-        self.scheduler.admit(req)
+        self.scheduler.admit(req, priority)
 
     def pump(self) -> None:
         ready = [w for w in self.workers.values() if w.state == WState.READY]
         for w, jobs in self.scheduler.assign(ready).items():
             self.host.send_jobs(w, jobs)
 
-    def job_done(self, w: WorkerProcess, seq: int) -> Request | None:
-        req = self.scheduler.finished(w, seq)
-        if req is None:
+    def job_done(self, w: WorkerProcess, seq: int) -> Job | None:
+        job = self.scheduler.finished(w, seq)
+        if job is None:
             return None
-        w.served += 1
-        self.served += 1
+        if job.index == 0:    # a request counts once, however many parts it has
+            w.served += 1
+            self.served += 1
         limit = self.cfg.max_requests_per_worker
         if limit and w.served >= limit and w.state == WState.READY:
             self._replace(w, f"served {w.served} requests (max_requests_per_worker = {limit})")
-        return req
+        return job
 
     def batches_run(self, w: WorkerProcess, passes: Any) -> None:
         """The forward passes a worker reported with its answers: [[texts, tokens, seconds], ...]."""

@@ -17,7 +17,7 @@ import psutil
 from akidb_embed.supervisor.config import BackendConfig
 
 if TYPE_CHECKING:
-    from akidb_embed.supervisor.requests import Request
+    from akidb_embed.supervisor.jobs import Job
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class WorkerProcess:
         self.state = WState.STARTING
         self.proc: subprocess.Popen[bytes] | None = None
         self.lifeline: socket.socket | None = None
-        self.inflight: dict[int, Request] = {}     # seq -> Request handed to it and not returned yet
+        self.inflight: dict[int, Job] = {}     # job seq -> job handed to it and not returned yet
         self.running: list[int] = []           # seqs of its current forward pass (from its last heartbeat)
         self.isolating = False                 # holds one suspect request alone
         self.started_at = time.monotonic()

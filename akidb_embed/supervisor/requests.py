@@ -7,8 +7,11 @@ State machine of a request (``Request.state``)::
         \\                    +--done / error / timeout / --------+--> ANSWERED (only via RequestTable.answer)
          +--timeout / backend stopped or failed / shutdown ----------> ANSWERED
 
-Every other container (a backend's queue, a worker's in-flight map) holds references to these
-records and skips those already ANSWERED; only :meth:`RequestTable.answer` sets that state.
+A request runs as one job, or as several when it is large (jobs.py): the states above describe its
+jobs together (RUNNING once any of them was handed to a worker). Every other container (a
+backend's queue, a worker's in-flight map) holds jobs that refer to these records and skips those
+already ANSWERED; only :meth:`RequestTable.answer` sets that state, and :meth:`job_answered`
+assembles a split request's answer from its parts' answers.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from akidb_embed.protocol.errors import EmbedError, Timeout
-from akidb_embed.protocol.messages import error_response
+from akidb_embed.protocol.messages import assemble_embed_parts, error_response
 from akidb_embed.supervisor.events import Events, RequestAnswered
 
 log = logging.getLogger(__name__)
@@ -48,10 +51,11 @@ class Request:
     budget_s: float             # the time it was given (a re-run probe gets as much again)
     state: RState = RState.QUEUED
     worker: str | None = None   # wid of the worker it runs on (RUNNING)
-    attempts: int = 0           # hand-overs so far
     handed_at: float | None = None   # first hand-over (monotonic)
     last_handed: float | None = None
-    probe: bool = False         # answered already; re-run only to find the input that hung a worker
+    parts: list[bytes | None] | None = None   # a split request: its parts' answers as they arrive
+    parts_left: int = 0
+    part_tokens: int = 0        # tokens the parts' answers reported so far
 
     @property
     def peer(self) -> bytes:
@@ -62,11 +66,15 @@ class Request:
     def answered(self) -> bool:
         return self.state is RState.ANSWERED
 
+    def expect_parts(self, n: int) -> None:
+        self.parts = [None] * n
+        self.parts_left = n
+
     def hand_to(self, wid: str, now: float) -> None:
+        """One of its jobs went to worker ``wid``."""
         if self.state is not RState.ANSWERED:   # a probe stays answered: its result goes to nobody
             self.state = RState.RUNNING
         self.worker = wid
-        self.attempts += 1
         self.last_handed = now
         if self.handed_at is None:
             self.handed_at = now
@@ -76,8 +84,6 @@ class Request:
             self.state = RState.RETRYING if suspect else RState.QUEUED
         self.worker = None
 
-    def budget_ms(self, now: float) -> int:
-        return max(1, int((self.deadline - now) * 1000))
 
 
 class RequestTable:
@@ -120,6 +126,7 @@ class RequestTable:
         if req.state is RState.ANSWERED:
             return False
         req.state = RState.ANSWERED
+        req.parts = None
         self.live.pop(req.seq, None)
         self._reply(req.route, frame)
         now = time.monotonic()
@@ -129,6 +136,23 @@ class RequestTable:
             queue_s=(handed if handed is not None else now) - req.arrived,
             run_s=now - req.last_handed if req.last_handed is not None else 0.0, total_s=now - req.arrived))
         return True
+
+    def job_answered(self, req: Request, index: int, frame: bytes, code: str | None, tokens: int | None) -> bool:
+        """A worker's answer to one job of ``req``: the answer itself when the request is whole or the
+        part failed; otherwise kept until every part is in, then assembled in order (vectors stay bytes)."""
+        if req.parts is None or code is not None:
+            return self.answer(req, frame, code, tokens)
+        if req.state is RState.ANSWERED:
+            return False
+        if req.parts[index] is None:
+            req.parts_left -= 1
+            req.part_tokens += tokens or 0
+        req.parts[index] = frame
+        if req.parts_left:
+            return False
+        parts = [p for p in req.parts if p is not None]
+        req.parts = None
+        return self.answer(req, assemble_embed_parts(req.rid, parts), None, req.part_tokens)
 
     def fail(self, req: Request, err: EmbedError) -> bool:
         return self.answer(req, error_response(req.rid, err), err.code.value)

@@ -1,18 +1,23 @@
 """One backend's scheduling: its queue, which worker runs what, retries and the search for poison inputs.
 
 The scheduler decides; it answers only through the request table (``RequestTable.fail``). The unit it
-hands to a worker is a job: today one job is one whole request (``Request.seq`` is the job id on the
-worker channel); splitting a request into several jobs would keep this interface.
+hands to a worker is a job (jobs.py): a whole request, or one part of a large one; ``Job.seq`` is the
+job id on the worker channel. Which job goes next is the fair queue's choice (fairqueue.py); how
+much goes into one pass is passes.py's.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterable
 
 from akidb_embed.protocol.errors import EmbedError, Overloaded, PoisonInput, WorkerDied
 from akidb_embed.supervisor.config import BackendConfig
+from akidb_embed.supervisor.fairqueue import PRIORITY_CLASSES, FairQueue
+from akidb_embed.supervisor.jobs import Job, make_jobs
+from akidb_embed.supervisor.passes import PassSizer, compose_pass
 from akidb_embed.supervisor.process import WorkerProcess
 from akidb_embed.supervisor.quarantine import Quarantine
 from akidb_embed.supervisor.requests import Request, RequestTable
@@ -20,60 +25,51 @@ from akidb_embed.supervisor.requests import Request, RequestTable
 log = logging.getLogger(__name__)
 
 
-class JobQueue:
-    """Requests waiting for a worker, oldest first. Answered ones are skipped, never handed out."""
-
-    def __init__(self) -> None:
-        self._q: deque[Request] = deque()
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def push(self, req: Request) -> None:
-        self._q.append(req)
-
-    def push_front(self, req: Request) -> None:
-        self._q.appendleft(req)
-
-    def pop_for(self, w: WorkerProcess) -> Request | None:
-        """The next request for worker ``w`` (today: the oldest still unanswered one)."""
-        q = self._q
-        while q:
-            req = q.popleft()
-            if not req.answered:
-                return req
-        return None
-
-    def waiting(self) -> int:
-        """Unanswered requests (drops the answered ones it still references)."""
-        self._q = deque(r for r in self._q if not r.answered)
-        return len(self._q)
-
-    def take_all(self) -> list[Request]:
-        out = [r for r in self._q if not r.answered]
-        self._q.clear()
-        return out
+@dataclass(eq=False)
+class _Pass:
+    seqs: set[int]      # its jobs not answered yet
+    tokens: int         # estimated
+    sent: float         # monotonic
 
 
 class Scheduler:
+    """Jobs waiting for a worker in a :class:`FairQueue` (priority classes, fair share between
+    clients); each ready worker gets one pass of work at a time (two when no query is around), so a
+    newly arrived query waits behind one pass at most."""
+
     def __init__(self, cfg: BackendConfig, table: RequestTable, quarantine: Quarantine) -> None:
         self.cfg, self.table, self.quarantine = cfg, table, quarantine
-        self.queue = JobQueue()
-        self.suspects: deque[Request] = deque()   # run one at a time, alone on a worker, to find a poison input
+        self.queue: FairQueue[Job] = FairQueue(quantum=cfg.fair_quantum_tokens)
+        self.sizer = PassSizer(cfg.max_batch_tokens, cfg.latency_pass_ms, cfg.interactive_window_s)
+        self.default_priority = PRIORITY_CLASSES[cfg.default_priority]
+        self.suspects: deque[Job] = deque()   # run one at a time, alone on a worker, to find a poison input
+        self.passes: dict[str, deque[_Pass]] = {}   # wid -> passes handed over and not finished, oldest first
+        self._queued: dict[int, Request] = {}  # requests with jobs in the queue (max_queue counts these)
+        self._pass_end: dict[str, float] = {}  # wid -> when its last pass ended (monotonic)
 
     def waiting(self) -> int:
-        return len(self.queue) + len(self.suspects)
+        """Requests waiting for a worker (answered ones are forgotten here)."""
+        for seq in [seq for seq, req in self._queued.items() if req.answered]:
+            del self._queued[seq]
+        return len(self._queued) + sum(1 for j in self.suspects if j.alive())
 
-    def admit(self, req: Request) -> None:
-        """Queue a new request; raises OVERLOADED when the backend's queue is full."""
-        if len(self.queue) >= self.cfg.max_queue and self.queue.waiting() >= self.cfg.max_queue:
-            raise Overloaded(f"backend {self.cfg.name!r} has {len(self.queue)} requests waiting "
+    def admit(self, req: Request, priority: str | None) -> None:
+        """Queue a new request's jobs; raises OVERLOADED when the backend's queue is full."""
+        if len(self._queued) >= self.cfg.max_queue and self.waiting() >= self.cfg.max_queue:
+            raise Overloaded(f"backend {self.cfg.name!r} has {len(self._queued)} requests waiting "
                              f"(max_queue = {self.cfg.max_queue}); retry later")
-        self.queue.push(req)
+        cls = self.default_priority if priority is None else PRIORITY_CLASSES[priority]
+        jobs = make_jobs(req, self.cfg.part_tokens, cls, self.queue.peer_tokens(req.peer),
+                         self.cfg.interactive_tokens)
+        if jobs[0].interactive:
+            self.sizer.note_interactive(time.monotonic())
+        for job in jobs:
+            self.queue.push(job)
+        self._queued[req.seq] = req
 
-    def assign(self, ready: list[WorkerProcess]) -> dict[WorkerProcess, list[Request]]:
-        """Hand waiting requests to ready workers; returns what to send, one message per worker."""
-        outbox: dict[WorkerProcess, list[Request]] = {}
+    def assign(self, ready: list[WorkerProcess]) -> dict[WorkerProcess, list[Job]]:
+        """Hand waiting jobs to ready workers; returns what to send, one message per worker."""
+        outbox: dict[WorkerProcess, list[Job]] = {}
         if not ready:
             return outbox
         now = time.monotonic()
@@ -81,86 +77,117 @@ class Scheduler:
         if self.suspects:  # keep one worker free of new work so suspects can run alone on it
             lane = next((w for w in ready if w.isolating), None) or min(ready, key=lambda w: len(w.inflight))
             while self.suspects and not lane.inflight:
-                req = self.suspects.popleft()
-                if req.probe or not req.answered:
+                job = self.suspects.popleft()
+                if job.alive():
                     lane.isolating = True
-                    self._hand(lane, req, now, outbox)
+                    self._hand(lane, [job], now, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
-        others = [w for w in ready if w is not lane and not w.isolating]
-        limit = self.cfg.max_inflight
-        while self.queue and others:
-            w = min(others, key=lambda w: len(w.inflight))
-            if len(w.inflight) >= limit:
-                break
-            nxt = self.queue.pop_for(w)
-            if nxt is None:
-                break
-            self._hand(w, nxt, now, outbox)
+        ahead = 1 if self.sizer.interactive(now) else 2
+        for w in ready:
+            if w is lane or w.isolating:
+                continue
+            while len(self.passes.get(w.wid, ())) < ahead and len(w.inflight) < self.cfg.max_inflight:
+                jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
+                if not jobs:
+                    break
+                self._hand(w, jobs, now, outbox)
         return outbox
 
-    @staticmethod
-    def _hand(w: WorkerProcess, req: Request, now: float, outbox: dict[WorkerProcess, list[Request]]) -> None:
-        req.hand_to(w.wid, now)
-        w.inflight[req.seq] = req
-        outbox.setdefault(w, []).append(req)
+    def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
+        for job in jobs:
+            job.attempts += 1
+            job.req.hand_to(w.wid, now)
+            self._queued.pop(job.req.seq, None)
+            w.inflight[job.seq] = job
+        self.passes.setdefault(w.wid, deque()).append(_Pass({j.seq for j in jobs}, sum(j.cost for j in jobs), now))
+        outbox.setdefault(w, []).extend(jobs)
 
-    def finished(self, w: WorkerProcess, seq: int) -> Request | None:
+    def finished(self, w: WorkerProcess, seq: int) -> Job | None:
         """The worker returned job ``seq``: it no longer holds it."""
-        req = w.inflight.pop(seq, None)
-        if req is not None and w.isolating and not w.inflight:
+        job = w.inflight.pop(seq, None)
+        if job is None:
+            return None
+        if w.isolating and not w.inflight:
             w.isolating = False
-        return req
+        passes = self.passes.get(w.wid)
+        if passes:
+            self._pass_progress(w.wid, passes, seq)
+        return job
+
+    def _pass_progress(self, wid: str, passes: deque[_Pass], seq: int) -> None:
+        for p in passes:
+            p.seqs.discard(seq)
+        now = time.monotonic()
+        while passes and not passes[0].seqs:
+            done = passes.popleft()
+            # it started when it was handed over or when the pass before it ended, whichever came later
+            self.sizer.observe(done.tokens, now - max(done.sent, self._pass_end.get(wid, 0.0)))
+            self._pass_end[wid] = now
+
+    def forget_worker(self, w: WorkerProcess) -> None:
+        self.passes.pop(w.wid, None)
+        self._pass_end.pop(w.wid, None)
 
     def fail_waiting(self, err: EmbedError) -> None:
-        for req in self.queue.take_all() + [r for r in self.suspects if not r.answered]:
-            self.table.fail(req, err)
+        for job in self.queue.clear() + [j for j in self.suspects if j.alive()]:
+            if not job.probe:
+                self.table.fail(job.req, err)
         self.suspects.clear()
+        self._queued.clear()
 
-    # ---- a worker died holding requests -------------------------------------------------------
+    # ---- a worker died holding jobs -------------------------------------------------------------
     def rescue(self, w: WorkerProcess, reason: str, *, planned: bool, can_retry: bool) -> None:
-        """Answer or re-run every request the dead worker held; find the poison input if there is one."""
-        held = sorted(w.inflight.values(), key=lambda r: r.seq)
+        """Answer or re-run every job the dead worker held; find the poison input if there is one."""
+        held = sorted(w.inflight.values(), key=lambda j: j.seq)
         w.inflight.clear()
-        for req in held:
-            req.back_to_queue(suspect=False)
+        self.forget_worker(w)
+        for job in held:
+            job.req.back_to_queue(suspect=False)
         if planned:   # it exited cleanly while draining: not a suspect, nothing ran wrongly
             self._retry(reversed(held), can_retry, reason, suspect=False)
             return
         if w.hung:    # only what the last heartbeat said was running is suspect; the rest never started
-            running = [r for r in held if r.seq in w.running]
-            waited = [r for r in held if r.seq not in w.running]
+            running = [j for j in held if j.seq in w.running]
+            waited = [j for j in held if j.seq not in w.running]
             self._retry(reversed(waited), can_retry, reason, suspect=False)
             held = running
         if (w.isolating or w.hung) and len(held) == 1:
             self._quarantine(held[0], "hung" if w.hung else "crashed", reason, hung=w.hung)
             return
-        if w.hung and can_retry:  # a hang inside a batch: re-run each request alone (as a probe if already answered)
+        if w.hung and can_retry:  # a hang inside a batch: re-run each job alone (as a probe if already answered)
             now = time.monotonic()
-            for req in reversed(held):
-                if req.answered:
-                    req.probe, req.deadline = True, now + req.budget_s
-                self.suspects.appendleft(req)
+            for job in reversed(held):
+                if job.answered:
+                    job.probe, job.deadline = True, now + job.req.budget_s
+                self.suspects.appendleft(job)
             return
         self._retry(reversed(held), can_retry, reason, suspect=True)
 
-    def _retry(self, reqs: Iterable[Request], can_retry: bool, reason: str, *, suspect: bool) -> None:
+    def _retry(self, jobs: Iterable[Job], can_retry: bool, reason: str, *, suspect: bool) -> None:
         now = time.monotonic()
-        for req in reqs:
-            if req.answered:
+        for job in jobs:
+            if job.answered:
                 continue
-            if not can_retry or (suspect and req.attempts >= 2) or req.deadline <= now:
-                self.table.fail(req, WorkerDied(f"the {self.cfg.name} worker died holding this request ({reason})"))
+            if not can_retry or (suspect and job.attempts >= 2) or job.deadline <= now:
+                self.table.fail(job.req, WorkerDied(f"the {self.cfg.name} worker died holding this request "
+                                                    f"({reason})"))
             elif suspect:
-                req.back_to_queue(suspect=True)
-                self.suspects.appendleft(req)
+                job.req.back_to_queue(suspect=True)
+                self.suspects.appendleft(job)
             else:
-                self.queue.push_front(req)
+                self.queue.push_front(job)
+                self._queued[job.req.seq] = job.req
 
-    def _quarantine(self, req: Request, what: str, reason: str, *, hung: bool) -> None:
+    def _quarantine(self, job: Job, what: str, reason: str, *, hung: bool) -> None:
         seconds = self.cfg.policy.quarantine_s
-        self.quarantine.add(req.texts, seconds, f"this input {what} a {self.cfg.name} worker ({reason})")
+        self.quarantine.add(job.texts, seconds, f"this input {what} a {self.cfg.name} worker ({reason})")
         log.warning("poison input: backend=%s request=%r texts=%d quarantined=%.0fs reason=%s",
-                    self.cfg.name, req.rid, len(req.texts), seconds, reason)
-        self.table.fail(req, PoisonInput(
+                    self.cfg.name, clip_id(job.req.rid), len(job.texts), seconds, reason)
+        self.table.fail(job.req, PoisonInput(
             f"this input {what} the {self.cfg.name} worker{'' if hung else ' twice'} ({reason}); "
             f"it is refused for {seconds:.0f} s"))
+
+
+def clip_id(rid: object) -> str:
+    text = repr(rid)
+    return text if len(text) <= 80 else text[:77] + "..."
