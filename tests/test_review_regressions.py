@@ -69,7 +69,7 @@ def test_malformed_worker_frame_does_not_escape_the_loop(sup, header):
 # Answered entries left the deadline heap only from its top: behind one long-lived earlier deadline
 # every later answered request (with its whole request frame) was kept until that deadline.
 def test_deadline_heap_does_not_keep_answered_requests(sup, monkeypatch):
-    monkeypatch.setattr(sup.pools["m"], "admit", lambda p: None)
+    monkeypatch.setattr(sup.pools["m"], "admit", lambda p, priority=None: None)
     monkeypatch.setattr(sup.pools["m"], "pump", lambda: None)
     monkeypatch.setattr(sup.table, "_reply", lambda route, frame: None)
     from akidb_embed.protocol.messages import parse_request

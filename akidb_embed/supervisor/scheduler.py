@@ -82,15 +82,16 @@ class Scheduler:
                     lane.isolating = True
                     self._hand(lane, [job], now, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
-        ahead = 1 if self.sizer.interactive(now) else 2
-        for w in ready:
-            if w is lane or w.isolating:
-                continue
-            while len(self.passes.get(w.wid, ())) < ahead and len(w.inflight) < self.cfg.max_inflight:
-                jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
-                if not jobs:
-                    break
-                self._hand(w, jobs, now, outbox)
+        # idle workers first, then (with no query around) a second pass to each, so a worker is never
+        # handed work while another one has none
+        others = [w for w in ready if w is not lane and not w.isolating]
+        for held in range(1 if self.sizer.interactive(now) else 2):
+            for w in others:
+                if len(self.passes.get(w.wid, ())) == held and len(w.inflight) < self.cfg.max_inflight:
+                    jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
+                    if not jobs:
+                        return outbox
+                    self._hand(w, jobs, now, outbox)
         return outbox
 
     def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
