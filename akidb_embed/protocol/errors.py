@@ -10,6 +10,7 @@ Exception tree (every class carries ``.code``, ``.retryable`` and a human messag
      ├── WorkerDied            WORKER_DIED          retryable
      ├── Overloaded            OVERLOADED           retryable
      ├── PoisonInput           POISON_INPUT         not retryable
+     ├── InputTooLong          INPUT_TOO_LONG       not retryable
      ├── ShuttingDown          SHUTTING_DOWN        retryable
      └── InternalError         INTERNAL             not retryable
 
@@ -30,6 +31,7 @@ class ErrorCode(str, Enum):
     WORKER_DIED = "WORKER_DIED"
     OVERLOADED = "OVERLOADED"
     POISON_INPUT = "POISON_INPUT"
+    INPUT_TOO_LONG = "INPUT_TOO_LONG"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
 
@@ -85,6 +87,11 @@ class PoisonInput(EmbedError):
     code = ErrorCode.POISON_INPUT
 
 
+class InputTooLong(EmbedError):
+    """A text has more tokens than the model reads and the request asked for ``truncate = "none"``."""
+    code = ErrorCode.INPUT_TOO_LONG
+
+
 class ShuttingDown(EmbedError):
     code = ErrorCode.SHUTTING_DOWN
     retryable = True
@@ -98,7 +105,7 @@ _BY_CODE: dict[str, type[EmbedError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownBackend, BackendUnavailable, Timeout, WorkerDied,
-        Overloaded, PoisonInput, ShuttingDown, InternalError,
+        Overloaded, PoisonInput, InputTooLong, ShuttingDown, InternalError,
     )
 }
 

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 1
 MAX_TEXTS_PER_REQUEST = 4096
+MAX_PROMPT_CHARS = 4096
 
+TRUNCATE_POLICIES = ("end", "start", "none")
 OPS = ("embed", "info", "health", "status", "restart", "stop", "start")
 CONTROL_OPS = ("restart", "stop", "start")
 
@@ -34,6 +36,10 @@ class EmbedRequest:
     normalize: bool = True
     timeout_ms: int | None = None
     dtype: str = "float32"
+    prompt_name: str | None = None    # a prompt the model defines; checked by the worker
+    prompt: str | None = None         # a literal prefix; "" = no prompt, not even the default
+    dimensions: int | None = None     # Matryoshka: keep the first N dims; checked by the worker
+    truncate: str = "end"             # "end" | "start" | "none" (too long -> INPUT_TOO_LONG)
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,26 @@ def _parse_embed(msg: dict, rid: Any) -> EmbedRequest:
         id=rid, texts=texts,
         backend=_field(msg, "backend", (str,), rid),
         normalize=_field(msg, "normalize", (bool,), rid, default=True),
-        timeout_ms=timeout_ms, dtype=dtype,
+        timeout_ms=timeout_ms, dtype=dtype, **_embed_options(msg, rid),
     )
+
+
+def _embed_options(msg: dict, rid: Any) -> dict[str, Any]:
+    """``prompt_name``, ``prompt``, ``dimensions``, ``truncate``: types here, meaning in the worker."""
+    prompt_name = _field(msg, "prompt_name", (str,), rid)
+    prompt = _field(msg, "prompt", (str,), rid)
+    if prompt_name is not None and prompt is not None:
+        raise RequestError("give either 'prompt_name' or 'prompt', not both", rid)
+    for name, value in (("prompt_name", prompt_name), ("prompt", prompt)):
+        if value is not None and len(value) > MAX_PROMPT_CHARS:
+            raise RequestError(f"field {name!r} is longer than {MAX_PROMPT_CHARS} characters", rid)
+    dimensions = _field(msg, "dimensions", (int,), rid)
+    if dimensions is not None and dimensions <= 0:
+        raise RequestError("field 'dimensions' must be a positive integer", rid)
+    truncate = _field(msg, "truncate", (str,), rid, default="end")
+    if truncate not in TRUNCATE_POLICIES:
+        raise RequestError(f"field 'truncate' must be one of {', '.join(TRUNCATE_POLICIES)}", rid)
+    return {"prompt_name": prompt_name, "prompt": prompt, "dimensions": dimensions, "truncate": truncate}
 
 
 # ---- client requests (what Client sends) -------------------------------------------------
@@ -143,9 +167,16 @@ def error_response(rid: Any, err: EmbedError) -> bytes:
 
 
 def embed_response(rid: Any, vectors: "np.ndarray", *, dtype: str, backend: str, model: str,
-                   truncated: int) -> bytes:
+                   truncated: int, tokens: list[int] | None = None,
+                   truncated_rows: list[bool] | None = None) -> bytes:
+    """``truncated`` counts the cut texts (v1 meaning); ``tokens``/``truncated_rows`` say it per text."""
+    extra: dict[str, Any] = {}
+    if tokens is not None:
+        extra["tokens"] = tokens
+    if truncated_rows is not None:
+        extra["truncated_rows"] = truncated_rows
     return ok_response(rid, shape=list(vectors.shape), dtype=dtype, data=vectors_to_blob(vectors, dtype),
-                       backend=backend, model=model, truncated=truncated)
+                       backend=backend, model=model, truncated=truncated, **extra)
 
 
 def parse_response(frame: bytes) -> dict[str, Any]:

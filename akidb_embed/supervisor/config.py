@@ -19,13 +19,14 @@ PROVIDER_KINDS = {"mlx": "mlx", "python-bridge": "onnx", "mock": "mock", "onnx":
 
 
 # Kind-specific keys of a [backends.NAME] table (documented in config.toml and each backend module).
-_MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"}
+_REQUEST_KEYS = {"default_prompt_name", "matryoshka_dimensions", "allow_any_dimensions"}
+_MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"} | _REQUEST_KEYS
 OPTION_KEYS: dict[str, set[str]] = {
     "mock": {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file", "crash_on",
-             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"},
+             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"} | _REQUEST_KEYS,
     "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"},
     "sentence-transformers": _MODEL_KEYS | {"device", "threads"},
-    "mlx": set(_MODEL_KEYS),
+    "mlx": _MODEL_KEYS | {"quantize"},
 }
 
 
@@ -159,7 +160,7 @@ def _single_provider(src: str, table: Mapping[str, Any], env: Mapping[str, str])
 
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding"})
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "models"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
@@ -175,6 +176,7 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{src}: [backends] must hold at least one [backends.NAME] table")
     backends = {name: _backend(src, name, table, policy) for name, table in tables.items()}
+    backends = _with_model_settings(src, doc.get("models", {}), backends)
     default = server.get("default_backend", next(iter(backends)))
     if default not in backends:
         raise ConfigError(f"{src}: server.default_backend = {default!r} names no backend; "
@@ -185,6 +187,24 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     drain = float(_check_value(src, "supervisor", "drain_timeout_s", supervisor.get("drain_timeout_s", 10.0)))
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
                   drain_timeout_s=drain, source=src)
+
+
+def _with_model_settings(src: str, table: Any, backends: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
+    """``[models]`` (``aliases``, ``cache_max_gb``) travels to every model-loading worker in its options."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [models] must be a table")
+    _check_keys(src, "models", table, {"aliases", "cache_max_gb"})
+    aliases = table.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                for k, v in aliases.items()):
+        raise ConfigError(f"{src}: models.aliases must be a table of short name = \"hub id or path\"")
+    extra: dict[str, Any] = {"aliases": aliases} if aliases else {}
+    if "cache_max_gb" in table:
+        extra["cache_max_gb"] = float(_check_value(src, "models", "cache_max_gb", table["cache_max_gb"]))
+    if not extra:
+        return backends
+    return {name: b if b.kind == "mock" else replace(b, options={**b.options, **extra})
+            for name, b in backends.items()}
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
