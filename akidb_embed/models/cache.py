@@ -273,7 +273,8 @@ def _dir_size(path: Path) -> int:
 def _formats(*dirs: Path) -> tuple[str, ...]:
     found: list[str] = []
     checks = [("safetensors", "*.safetensors"), ("pytorch", "pytorch_model*.bin"),
-              ("onnx", "onnx/model.onnx"), ("onnx-int8", "onnx/model_int8.onnx")]
+              ("onnx", "onnx/model.onnx"), ("onnx-int8", "onnx/model_int8.onnx"),
+              ("mlx-4bit", "mlx/model-4bit/config.json"), ("mlx-8bit", "mlx/model-8bit/config.json")]
     for label, pattern in checks:
         if any(next(d.glob(pattern), None) is not None for d in dirs if d.is_dir()):
             found.append(label)

@@ -64,11 +64,9 @@ class SentenceTransformersBackend(Backend):
             described = models.describe(models.read_sentence_config(model_dir))
         except (OSError, ValueError, KeyError):  # modules only sentence-transformers runs (weighted mean...)
             default = self._model.default_prompt_name
-            described = {"prompts": {k: v for k, v in self._model.prompts.items() if v},
-                         "default_prompt_name": default, "matryoshka_dims": []}
+            described = {"prompts": dict(self._model.prompts), "default_prompt_name": default,
+                         "matryoshka_dims": []}
         described["padding_side"] = str(getattr(self._model.tokenizer, "padding_side", "right"))
-        described["prompts"] = {k: v for k, v in described["prompts"].items()
-                                if v or k == described["default_prompt_name"]}
         return described
 
     def _raw_lengths(self, texts: Sequence[str]) -> list[int]:
