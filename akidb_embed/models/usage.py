@@ -38,6 +38,9 @@ class Held:
             self._fh.close()   # closing the file drops the flock
             self._fh = None
 
+    def __del__(self) -> None:  # a backend dropped without close() (in-process use) releases it too
+        self.close()
+
 
 class CacheEntry(NamedTuple):
     path: Path
