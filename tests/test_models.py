@@ -351,11 +351,14 @@ def test_configured_alias_served_from_a_local_hub(cache: Path, tmp_path: Path, m
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(models.cache, "NAME_ALIASES", dict(models.NAME_ALIASES))
-    backend = create_backend("sentence-transformers", "tiny-q", {"aliases": {"tiny-q": "acme/tiny-qwen3"}})
+    stale = _aged_entry(cache, "acme/stale", 1000, time.time() - 1000)
+    backend = create_backend("sentence-transformers", "tiny-q",
+                             {"aliases": {"tiny-q": "acme/tiny-qwen3"}, "cache_max_gb": 1e-6})
     info = backend.load()
     try:
         assert fetched == ["acme/tiny-qwen3"] and info.dim == 64 and info.prompts["query"].startswith("Instruct")
         assert info.extra["path"] == str(cache / "acme--tiny-qwen3")
-        assert {e.path.name: e.in_use for e in models.entries()}["acme--tiny-qwen3"]
+        assert {e.path.name: e.in_use for e in models.entries()} == {"acme--tiny-qwen3": True}
+        assert not stale.exists()   # over the 1 kB limit: the idle entry went, the one in use stayed
     finally:
         backend.close()

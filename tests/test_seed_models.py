@@ -220,3 +220,17 @@ def test_mlx_4bit_close_to_fp32(served) -> None:
     assert cos.min() >= MLX_4BIT_FLOOR, np.round(cos, 4)
     if cut is not None:
         assert cut.shape == (len(texts), dims)
+    # the converted folder is an mlx-community-style quantized folder: it loads as is, with the same vectors
+    from akidb_embed.workers.backends import create_backend
+
+    with server.client() as c:
+        converted = c.info()["backends"]["mlx4"]["extra"]["path"]
+    backend = create_backend("mlx", converted, {})
+    info = backend.load()
+    try:
+        assert info.extra["quantization"] == "4bit" and info.extra["path"] == converted
+        prefix = info.prompts[prompt["prompt_name"]]
+        again = backend.embed([prefix + t for t in texts]).vectors
+        np.testing.assert_allclose(cosines(again, q4), 1.0, atol=1e-5)
+    finally:
+        backend.close()

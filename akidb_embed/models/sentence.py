@@ -98,7 +98,7 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     Without ``modules.json`` (a plain transformers model) this is mean pooling, no normalization.
     Raises ValueError for modules this package can't reproduce (Dense, weighted-mean pooling...).
     """
-    modules = _read_json(model_dir / "modules.json") or [
+    modules: list[dict[str, Any]] = _read_json(model_dir / "modules.json") or [
         {"type": "sentence_transformers.models.Transformer", "path": ""},
         {"type": "sentence_transformers.models.Pooling", "path": "", "_default": True}]
     pooling: tuple[str, ...] = ()

@@ -1,6 +1,7 @@
 """The contract every backend implements: load a model, describe it, embed a batch, close."""
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,6 @@ class Backend(ABC):
     def resolve_model_dir(self) -> Path:
         """The model's directory (aliases, local path, package, cache, hub), held as in use while loaded.
 
-        Also applies ``[models] cache_max_gb`` (least recently used entries not in use are pruned).
         Raises BackendUnavailable when the model is nowhere to be found.
         """
         from akidb_embed import models
@@ -94,8 +94,17 @@ class Backend(ABC):
         except models.ModelNotFound as exc:
             raise BackendUnavailable(str(exc)) from exc
         self._held = models.hold(model_dir, cache_dir=cache)
-        models.enforce_limit(self.options.get("cache_max_gb"), cache_dir=cache)
         return model_dir
+
+    def enforce_cache_limit(self) -> None:
+        """Apply ``[models] cache_max_gb`` once loaded (downloads, exports, conversions done): least
+        recently used entries no process holds are removed. Never fails the load."""
+        from akidb_embed import models
+
+        try:
+            models.enforce_limit(self.options.get("cache_max_gb"), cache_dir=self.options.get("cache_dir"))
+        except OSError as exc:
+            logging.getLogger(__name__).warning("model cache limit not applied: %s", exc)
 
     def close(self) -> None:
         """Release resources (and the hold on the model's cache entry)."""

@@ -64,6 +64,7 @@ class MlxBackend(Backend):
             self._pipeline = self._make_pipeline(model_dir)
         except Exception as exc:  # mlx_embeddings raises ValueError/FileNotFoundError/KeyError/ImportError...
             raise BackendUnavailable(f"mlx-embeddings cannot load {source_dir}: {type(exc).__name__}: {exc}") from exc
+        self.enforce_cache_limit()
         dim = int(self.embed(["warm-up"]).vectors.shape[1])
         quant = self._hf_config.get("quantization") or {}
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
@@ -108,6 +109,8 @@ class MlxBackend(Backend):
         n = len(texts)
         if n == 0:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
+        if self._encoder is None:
+            raise RuntimeError("embed() before load()")
         ids, mask, types, cut = models.pad_batch(self._encoder.encode(texts, truncate), self._pad_id, "int32")
         hidden = np.asarray(self._hidden(ids, mask, types).astype(self._mx.float32))
         return EmbedOutput(self._pipeline(hidden, mask), sum(cut), cut)

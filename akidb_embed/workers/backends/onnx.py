@@ -69,6 +69,7 @@ class OnnxBackend(Backend):
         self._inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         self._output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+        self.enforce_cache_limit()
         dim = int(self.embed(["warm-up"]).vectors.shape[1])
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
             "path": str(model_dir), "onnx_file": str(self._onnx_file),
@@ -123,6 +124,8 @@ class OnnxBackend(Backend):
         n = len(texts)
         if n == 0:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
+        if self._encoder is None:
+            raise RuntimeError("embed() before load()")
         ids, mask, types, cut = models.pad_batch(self._encoder.encode(texts, truncate), self._pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         hidden = self._session.run([self._output], {k: feeds[k] for k in self._inputs})[0]

@@ -49,6 +49,7 @@ class SentenceTransformersBackend(Backend):
         if self.options.get("max_seq_length"):
             self._model.max_seq_length = int(self.options["max_seq_length"])
         self.max_tokens = int(self._model.max_seq_length)
+        self.enforce_cache_limit()
         dim = int(self.embed(["warm-up"]).vectors.shape[1])
         described = self._describe(model_dir)
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
