@@ -95,6 +95,7 @@ def test_mock_prompt_dimensions_truncate(mock_server) -> None:
             c.embed(texts, backend="m", prompt_name="query")
         assert err.value.code.value == "BAD_REQUEST" and "prompts: none" in err.value.message
         assert c.embed(texts, backend="any", dimensions=5).shape == (2, 5)
+        assert c.info()["backends"]["m"]["extra"]["matryoshka_dims"] == [8, 4]   # the setting, as requests see it
         with pytest.raises(EmbedError, match="dimensions=17"):
             c.embed(texts, backend="any", dimensions=17)
 
@@ -113,3 +114,20 @@ def test_bad_option_answers_only_its_request(mock_server) -> None:
     assert answers[1]["error"]["code"] == "INPUT_TOO_LONG"
     assert answers[0]["ok"] and answers[2]["ok"] and answers[0]["tokens"] == [4]
     assert answers[0]["truncated_rows"] == [True] and answers[0]["truncated"] == 1
+
+
+def test_folder_without_modules_json_gets_its_architecture_pipeline(tmp_path) -> None:
+    """Conversions that ship only the transformer: Qwen3 pools the last token, Gemma3 uses its own Dense."""
+    import json
+
+    from akidb_embed import models
+
+    for model_type, pooling, dense in (("qwen3", ("lasttoken",), ()), ("gemma3_text", ("mean",), (64, 256))):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 64,
+                                                        "max_position_embeddings": 2048}))
+        config = models.read_sentence_config(folder)
+        assert config.pooling == pooling and config.normalize and config.max_seq_length == 2048
+        assert tuple(d.in_features for d in config.dense[:1]) + tuple(d.out_features for d in config.dense[:1]) == dense
+        assert not models.pipeline.dense_weights_present(folder, config) or not dense

@@ -104,6 +104,7 @@ def test_parity_with_prompt_and_dimensions(served) -> None:
             r = c.embed_result(texts, backend=backend, dimensions=dims, **prompt)
             assert r.vectors.shape == expected.shape, (backend, r.vectors.shape)
             cos = cosines(r.vectors, expected)
+            print(f"\n{name} on {backend}: cosine vs sentence-transformers min {cos.min():.6f}", end="")
             assert cos.min() >= FLOORS[backend], f"{name} on {backend}: cosines {np.round(cos, 5)}"
             np.testing.assert_allclose(np.linalg.norm(r.vectors, axis=1), 1.0, rtol=1e-5)
 

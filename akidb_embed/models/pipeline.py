@@ -83,7 +83,8 @@ class Pipeline:
 
 
 def dense_weights_present(model_dir: Path, config: SentenceConfig) -> bool:
-    return all(_weights_file(model_dir / spec.path) is not None for spec in config.dense)
+    """Every Dense module has its own weights file (path "" means the model's own Dense layers)."""
+    return all(spec.path and _weights_file(model_dir / spec.path) is not None for spec in config.dense)
 
 
 def _weights_file(folder: Path) -> Path | None:
@@ -107,6 +108,9 @@ def _load_dense(model_dir: Path, spec: Any) -> tuple[Any, Any, Callable[[Any], A
     import numpy as np
     from safetensors.numpy import load_file
 
+    if not spec.path:
+        raise ValueError(f"{model_dir} has no modules.json: its Dense layers are inside the model's weights, "
+                         "which only the mlx backend reads; serve the sentence-transformers folder instead")
     path = _weights_file(model_dir / spec.path)
     if path is None:
         raise FileNotFoundError(f"Dense module {model_dir / spec.path} has no model.safetensors "

@@ -101,6 +101,10 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     modules: list[dict[str, Any]] = _read_json(model_dir / "modules.json") or [
         {"type": "sentence_transformers.models.Transformer", "path": ""},
         {"type": "sentence_transformers.models.Pooling", "path": "", "_default": True}]
+    if not (model_dir / "modules.json").is_file():
+        known = _ARCHITECTURE_DEFAULTS.get(str(_read_json(model_dir / "config.json").get("model_type")))
+        if known is not None:
+            return _architecture_default(model_dir, *known)
     pooling: tuple[str, ...] = ()
     normalize = False
     dense: list[DenseSpec] = []
@@ -122,6 +126,25 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     side = _read_json(model_dir / "tokenizer_config.json").get("padding_side")
     return SentenceConfig(int(max_len), pooling or ("mean",), normalize, bool(sbert.get("do_lower_case")),
                           tuple(dense), prompts, default_prompt, _matryoshka(model_dir),
+                          side if side in ("left", "right") else "right")
+
+
+# model_type -> (pooling, Dense layers of the model's own, as width multipliers) for folders without
+# modules.json (some mlx conversions ship only the transformer): what Qwen3-Embedding and EmbeddingGemma run
+_ARCHITECTURE_DEFAULTS: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = {
+    "qwen3": ("lasttoken", ()),
+    "gemma3_text": ("mean", ((1, 4), (4, 1))),
+}
+
+
+def _architecture_default(model_dir: Path, pooling: str, dense: tuple[tuple[int, int], ...]) -> SentenceConfig:
+    hidden = int(_read_json(model_dir / "config.json").get("hidden_size", 0))
+    specs = tuple(DenseSpec("", a * hidden, b * hidden, False, "Identity") for a, b in dense)  # path "": the model's
+    prompts, default_prompt = _prompts(model_dir)
+    side = _read_json(model_dir / "tokenizer_config.json").get("padding_side")
+    sbert = _read_json(model_dir / "sentence_bert_config.json")
+    return SentenceConfig(int(sbert.get("max_seq_length") or _default_max_length(model_dir)), (pooling,), True,
+                          False, specs, prompts, default_prompt, _matryoshka(model_dir),
                           side if side in ("left", "right") else "right")
 
 

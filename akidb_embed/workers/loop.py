@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,8 @@ class Worker:
             self.backend = create_backend(self.s.kind, self.s.model, self.s.options)
             self.info = self.backend.load()
             self.limits = ModelLimits.from_info(self.info, self.s.options)
+            self.info = replace(self.info, default_prompt_name=self.limits.default_prompt_name,
+                                matryoshka_dims=self.limits.matryoshka_dims)   # what requests get, for info
         except Exception as exc:  # report every load failure as a value, then exit
             err = exc if isinstance(exc, EmbedError) else BackendUnavailable(
                 f"{self.s.kind} backend failed to load model {self.s.model!r}: {type(exc).__name__}: {exc}")

@@ -85,12 +85,13 @@ class SentenceTransformersBackend(Backend):
         if not texts:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
         tokenizer = self._model.tokenizer
+        side = tokenizer.truncation_side
         tokenizer.truncation_side = "left" if truncate == "start" else "right"
         try:
             vectors = self._model.encode(list(texts), prompt="", convert_to_numpy=True, normalize_embeddings=False,
                                          batch_size=len(texts), show_progress_bar=False)
         finally:
-            tokenizer.truncation_side = "right"
+            tokenizer.truncation_side = side
         cut = [n > self.max_tokens for n in self._raw_lengths(texts)]
         return EmbedOutput(np.ascontiguousarray(vectors, dtype=np.float32), sum(cut), cut)
 
