@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import raw_dealer, recv_answer
 
 from akidb_embed import EmbedError
 from akidb_embed.protocol.codec import pack
 from akidb_embed.protocol.messages import RequestError, parse_request
 from akidb_embed.supervisor.config import ConfigError, build_config
 from akidb_embed.workers.backends.mock import mock_vector
-from conftest import raw_dealer, recv_answer
 
 
 def embed_frame(**fields) -> bytes:
