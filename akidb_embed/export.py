@@ -34,11 +34,16 @@ def _wrapped_model(model_dir: Path) -> tuple[Any, list[str]]:
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
+    from transformers import AutoConfig
+
+    # decoders and Gemma3 take precomputed additive masks through the eager attention; encoders keep their default
+    model_type = getattr(AutoConfig.from_pretrained(str(model_dir)), "model_type", "")
+    extra = {"attn_implementation": "eager"} if model_type in ("qwen3", "gemma3_text") else {}
+    model = AutoModel.from_pretrained(str(model_dir), **extra)
     model.eval()
     accepted = inspect.signature(model.forward).parameters
     names = [n for n in INPUT_NAMES if n in accepted]  # DistilBERT-style models take no token_type_ids
-    gemma3 = getattr(model.config, "model_type", "") == "gemma3_text"
+    gemma3 = model_type == "gemma3_text"
 
     class LastHidden(torch.nn.Module):
         """Keyword-argument call with a tensor output, as the TorchScript exporter needs."""

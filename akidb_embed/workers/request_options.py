@@ -46,7 +46,7 @@ class ModelLimits:
         if name is None:
             return ""
         if name not in self.prompts:
-            raise BadRequest(f"unknown prompt_name {name!r}; this model's prompts: {_names(self.prompts)}")
+            raise BadRequest(f"unknown prompt_name {name[:100]!r}; this model's prompts: {_names(self.prompts)}")
         return self.prompts[name]
 
     def dimensions(self, req: EmbedRequest) -> int | None:
