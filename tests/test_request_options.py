@@ -131,3 +131,18 @@ def test_folder_without_modules_json_gets_its_architecture_pipeline(tmp_path) ->
         assert config.pooling == pooling and config.normalize and config.max_seq_length == 2048
         assert tuple(d.in_features for d in config.dense[:1]) + tuple(d.out_features for d in config.dense[:1]) == dense
         assert not models.pipeline.dense_weights_present(folder, config) or not dense
+
+
+def test_cli_embed_passes_the_options(mock_server) -> None:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "akidb_embed.cli", "embed", "--endpoint", mock_server.endpoint, "--backend", "m",
+           "--prompt", "x ", "--dimensions", "8", "--truncate", "start", "--no-normalize", "--json", "a b c d e f"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    doc = json.loads(out)
+    assert doc["tokens"] == [4] and doc["truncated_rows"] == [True] and doc["truncated"] == 1
+    np.testing.assert_allclose(doc["embeddings"][0], mock_vector("c d e f", 16)[:8], rtol=1e-6)
+    bad = subprocess.run(cmd[:-2] + ["--truncate", "none", "a b c d e f"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "INPUT_TOO_LONG" in bad.stderr
