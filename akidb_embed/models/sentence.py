@@ -6,6 +6,7 @@ Dense, Normalize) runs in :mod:`akidb_embed.models.pipeline`."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -244,17 +245,20 @@ def pad_batch(encodings: list, pad: int, dtype: str = "int64"):  # -> (ids, mask
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*/*.safetensors", "*/*.bin")
 
 
-def weights_revision(model_dir: Path) -> str:
+def weights_revision(model_dir: Path, cache_dir: str | None = None) -> str:
     """A short hash of the weights' files (names and bytes), so two servers can tell they run the same model.
 
-    Memoized per (file, size, mtime) in ``.akidb-revision.json`` beside the weights when the
-    directory is writable, so a large model is hashed once.
+    Memoized per (file, size, mtime) under the model cache (``.revisions/``), never in the model's own
+    directory, so a large model is hashed once.
     """
     import hashlib
 
+    from akidb_embed.models.cache import cache_root
+
     files = sorted({p for pattern in _WEIGHT_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
     stamp = [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo_path = model_dir / ".akidb-revision.json"
+    memo_path = cache_root(cache_dir) / ".revisions" / (hashlib.sha1(str(model_dir.resolve()).encode()).hexdigest()
+                                                        + ".json")
     memo = _read_json(memo_path) if memo_path.is_file() else {}
     if memo.get("stamp") == stamp and isinstance(memo.get("revision"), str):
         return memo["revision"]
@@ -266,7 +270,10 @@ def weights_revision(model_dir: Path) -> str:
                 digest.update(block)
     revision = digest.hexdigest()[:16]
     try:
-        memo_path.write_text(json.dumps({"stamp": stamp, "revision": revision}))
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "revision": revision}))
+        os.replace(tmp, memo_path)
     except OSError:
         pass
     return revision

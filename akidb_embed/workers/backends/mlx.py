@@ -71,7 +71,7 @@ class MlxBackend(Backend):
             "path": str(model_dir), "device": str(mx.default_device()), **models.describe(self._config),
             "padding_side": "right", "architecture": self._hf_config.get("model_type"),
             "quantization": f"{quant['bits']}bit" if quant.get("bits") else None,
-            "revision": models.weights_revision(model_dir)},
+            "revision": models.weights_revision(model_dir, self.options.get("cache_dir"))},
             prompts=self._config.prompts, default_prompt_name=self._config.default_prompt_name,
             matryoshka_dims=self._config.matryoshka_dims)
 

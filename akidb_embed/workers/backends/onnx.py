@@ -76,7 +76,7 @@ class OnnxBackend(Backend):
             "providers": self._session.get_providers(), "threads": self._threads,
             **models.describe(self._config), "padding_side": "right",
             "quantization": opts.get("quantize"), "quantize": opts.get("quantize"),
-            "revision": models.weights_revision(model_dir)},
+            "revision": models.weights_revision(model_dir, self.options.get("cache_dir"))},
             prompts=self._config.prompts, default_prompt_name=self._config.default_prompt_name,
             matryoshka_dims=self._config.matryoshka_dims)
 

@@ -55,7 +55,7 @@ class SentenceTransformersBackend(Backend):
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
             "path": str(model_dir), "device": device, "threads": torch.get_num_threads(),
             "torch": torch.__version__, **described, "quantization": None,
-            "revision": models.weights_revision(model_dir)},
+            "revision": models.weights_revision(model_dir, self.options.get("cache_dir"))},
             prompts=described["prompts"], default_prompt_name=described["default_prompt_name"],
             matryoshka_dims=tuple(described["matryoshka_dims"]))
 
