@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")
@@ -37,7 +39,7 @@ class SentenceConfig(NamedTuple):
     normalize: bool            # a Normalize module follows pooling (and the Dense layers)
     do_lower_case: bool
     dense: tuple[DenseSpec, ...] = ()
-    prompts: dict[str, str] = {}           # name -> prefix (config_sentence_transformers.json)
+    prompts: Mapping[str, str] = MappingProxyType({})   # name -> prefix (config_sentence_transformers.json)
     default_prompt_name: str | None = None
     matryoshka_dims: tuple[int, ...] = ()  # config.json matryoshka_dimensions (as vLLM reads them)
     padding_side: str = "right"            # what the tokenizer declares (tokenizer_config.json)
@@ -96,10 +98,12 @@ def _prompts(model_dir: Path) -> tuple[dict[str, str], str | None]:
 def read_sentence_config(model_dir: Path) -> SentenceConfig:
     """Pooling, normalization and max length from ``modules.json`` and friends.
 
-    Without ``modules.json`` (a plain transformers model) this is mean pooling, no normalization.
-    Raises ValueError for modules this package can't reproduce (Dense, weighted-mean pooling...).
+    Without ``modules.json`` (a plain transformers model) this is mean pooling, no normalization, except for
+    Qwen3 and Gemma3 (see ``_ARCHITECTURE_DEFAULTS``). Raises ValueError for modules this package can't
+    reproduce (weighted-mean pooling, Dense before pooling, ...).
     """
-    modules: list[dict[str, Any]] = _read_json(model_dir / "modules.json") or [
+    listed: Any = _read_json(model_dir / "modules.json")
+    modules: list[dict[str, Any]] = listed or [
         {"type": "sentence_transformers.models.Transformer", "path": ""},
         {"type": "sentence_transformers.models.Pooling", "path": "", "_default": True}]
     if not (model_dir / "modules.json").is_file():
