@@ -180,6 +180,9 @@ def test_cli_list_and_rm(cache: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli_models.run_models(parser.parse_args(["models", "list"])) == 0
     out = capsys.readouterr().out
     assert "acme/tiny" in out and "NAME" in out and " B " in out
+    assert "LAST USE" in out and "mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ" in out and "gemma-300m-4bit" in out
+    assert cli_models.run_models(parser.parse_args(["models", "prune", "--max-gb", "1"])) == 0
+    assert models.resolve_model("acme/tiny", allow_download=False).is_dir()   # under the limit: kept
     assert cli_models.run_models(parser.parse_args(["models", "rm", "acme/tiny"])) == 0
     assert cli_models.run_models(parser.parse_args(["models", "rm", "acme/tiny"])) == 1
     assert cli_models.human_size(90_394_840) == "90.4 MB"
