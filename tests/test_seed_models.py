@@ -61,6 +61,8 @@ def backends_for(name: str) -> dict[str, str]:
         out["mlx"] = 'kind = "mlx"\nmax_batch_tokens = 512'
         if name in ("qwen3", "gemma3"):
             out["mlx4"] = 'kind = "mlx"\nquantize = "4bit"'
+    if name == "minilm":   # a backend setting declares Matryoshka dims the model's config.json does not
+        out["st"] += "\nmatryoshka_dimensions = [128, 64]"
     return out
 
 
@@ -172,8 +174,8 @@ def test_prompts_and_dimensions_are_checked_against_the_model(served) -> None:
             with pytest.raises(EmbedError) as err:
                 c.embed(["x"], backend=backend, dimensions=7)
             assert err.value.code.value == "BAD_REQUEST" and "dimensions=7" in err.value.message
-            if name == "gemma3":
-                assert c.embed(["x"], backend=backend, dimensions=16).shape == (1, 16)
+            for dims in extra["matryoshka_dims"]:
+                assert c.embed(["x"], backend=backend, dimensions=dims).shape == (1, dims)
         # literal prompt == named prompt
         if name == "gemma3":
             named = c.embed(["a b c"], backend="onnx", prompt_name="query")
@@ -192,10 +194,11 @@ def test_info_tells_what_the_model_can_do(served) -> None:
         extra = b["extra"]
         assert b["max_tokens"] == CASES[name][2] and b["dim"] == (64 if name in ("qwen3", "gemma3") else 384)
         assert extra["pooling"] == pooling and extra["normalize"] is True, extra
-        assert extra["matryoshka_dims"] == ([64, 32, 16] if name == "gemma3" else []), extra
+        dims = {"gemma3": [64, 32, 16], "minilm": [128, 64] if backend == "st" else []}.get(name, [])
+        assert extra["matryoshka_dims"] == dims, extra
         assert isinstance(extra["revision"], str) and len(extra["revision"]) == 16
         assert extra["quantization"] == ("4bit" if backend == "mlx4" else None), extra
-        seen[backend] = (extra["pooling"], extra["prompts"], extra["matryoshka_dims"])
+        seen[backend] = (extra["pooling"], extra["prompts"])
         if backend != "mlx4":
             assert extra["revision"] == info["onnx"]["extra"]["revision"]
     assert len(set(map(repr, seen.values()))) == 1, seen

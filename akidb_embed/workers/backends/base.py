@@ -24,8 +24,8 @@ class ModelInfo:
     matryoshka_dims: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        extra = {"prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
-                 "matryoshka_dims": list(self.matryoshka_dims), **self.extra}
+        extra = {**self.extra, "prompts": dict(self.prompts), "default_prompt_name": self.default_prompt_name,
+                 "matryoshka_dims": list(self.matryoshka_dims)}   # the fields win: they are what requests get
         return {"model": self.model, "dim": self.dim, "max_tokens": self.max_tokens, "extra": extra}
 
 
