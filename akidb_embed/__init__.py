@@ -6,7 +6,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from akidb_embed.protocol.errors import (  # noqa: E402
-    BackendUnavailable, BadRequest, EmbedError, ErrorCode, InternalError, Overloaded, PoisonInput,
+    BackendUnavailable, BadRequest, EmbedError, ErrorCode, InputTooLong, InternalError, Overloaded, PoisonInput,
     ServerUnavailable, ShuttingDown, Timeout, UnknownBackend, WorkerDied,
 )
 
@@ -23,7 +23,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncClient", "BackendUnavailable", "BadRequest", "Client", "EmbedError", "EmbedResult", "ErrorCode",
-    "InternalError", "Overloaded", "PoisonInput", "ServerUnavailable", "ShuttingDown", "Timeout", "UnknownBackend",
-    "WorkerDied",
-    "__version__",
+    "InputTooLong", "InternalError", "Overloaded", "PoisonInput", "ServerUnavailable", "ShuttingDown", "Timeout",
+    "UnknownBackend", "WorkerDied", "__version__",
 ]

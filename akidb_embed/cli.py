@@ -40,10 +40,12 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_embed(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.embed_result(args.texts, backend=args.backend, normalize=not args.no_normalize,
-                                     timeout=args.timeout)
+                                     timeout=args.timeout, prompt_name=args.prompt_name, prompt=args.prompt,
+                                     dimensions=args.dimensions, truncate=args.truncate)
     vectors = result.vectors
     if args.json:
         print(json.dumps({"backend": result.backend, "model": result.model, "truncated": result.truncated,
+                          "tokens": result.tokens, "truncated_rows": result.truncated_rows,
                           "embeddings": vectors.tolist()}))
         return 0
     for text, vec in zip(args.texts, vectors):
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
     p.add_argument("--no-normalize", action="store_true")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt-name", help="a prompt the model defines, e.g. query or document")
+    prompts.add_argument("--prompt", help="a literal prefix for every text")
+    p.add_argument("--dimensions", type=int, help="keep the first N dims (Matryoshka models)")
+    p.add_argument("--truncate", choices=["end", "start", "none"],
+                   help="cut too-long texts at the end (default) or start, or refuse them (none)")
     p.add_argument("--json", action="store_true", help="print full vectors as JSON")
     p.set_defaults(func=cmd_embed)
 

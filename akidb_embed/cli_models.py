@@ -1,4 +1,4 @@
-"""``akidb-embed models ...``: list, pull, export and remove models in the local cache.
+"""``akidb-embed models ...``: list, pull, export, remove and prune models in the local cache.
 
 Wire into the main CLI with ``add_models_parser(subparsers)``; the handler is ``run_models(args)``.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any, Sequence
 
 from akidb_embed import models
@@ -28,6 +29,9 @@ def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=["int8"], default=None)
     rm = sub.add_parser("rm", help="delete a model's cache entry (downloads and exports)")
     rm.add_argument("name")
+    prune = sub.add_parser("prune", help="delete least recently used cache entries until the cache fits a size "
+                                         "(entries in use by a running worker or being written are kept)")
+    prune.add_argument("--max-gb", type=float, required=True, help="size to fit in, in GB (0: remove every idle entry)")
     parser.set_defaults(handler=run_models)
     return parser
 
@@ -46,17 +50,37 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _last_use(when: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(when)) if when else "-"
+
+
 def _list(cache_dir: str | None) -> int:
     entries = models.list_models(cache_dir=cache_dir)
     root = models.cache_root(cache_dir)
-    if not entries:
+    usage = {e.path.resolve(): e for e in models.entries(cache_dir=cache_dir)}
+    if entries:
+        rows = [("NAME", "SIZE", "LAST USE", "IN USE", "FORMATS", "PATH")]
+        for e in entries:
+            use = usage.get(e.path.resolve()) or usage.get((root / models.entry_dirname(e.name)).resolve())
+            rows.append((e.name, human_size(e.size_bytes), _last_use(use.last_used if use else None),
+                         "yes" if use and use.in_use else "no", ",".join(e.formats) or "-", str(e.path)))
+        print(_table(rows))
+    else:
         print(f"no models (cache: {root})")
-        return 0
-    rows = [("NAME", "SIZE", "FORMATS", "PATH")]
-    rows += [(e.name, human_size(e.size_bytes), ",".join(e.formats) or "-", str(e.path)) for e in entries]
-    print(_table(rows))
-    print(f"\ncache: {root}")
+    print("\nshort names:")
+    print(_table([("ALIAS", "MODEL")] + sorted(models.NAME_ALIASES.items())))
+    total = sum(e.size_bytes for e in usage.values())
+    print(f"\ncache: {root} ({human_size(total)})")
     return 0
+
+
+def _prune(max_gb: float, cache_dir: str | None) -> int:
+    removed = models.prune(int(max_gb * 1e9), cache_dir=cache_dir)
+    for path in removed:
+        print(f"removed {path}")
+    left = sum(e.size_bytes for e in models.entries(cache_dir=cache_dir))
+    print(f"cache: {models.cache_root(cache_dir)} ({human_size(left)})")
+    return 0 if left <= max_gb * 1e9 else 1
 
 
 def _rm(name: str, cache_dir: str | None) -> int:
@@ -82,6 +106,8 @@ def run_models(args: argparse.Namespace) -> int:
             return _list(cache_dir)
         if args.models_command == "rm":
             return _rm(args.name, cache_dir)
+        if args.models_command == "prune":
+            return _prune(args.max_gb, cache_dir)
         path = models.pull(args.name, cache_dir=cache_dir)
         if args.models_command == "pull":
             print(f"{args.name}: {path}")

@@ -59,6 +59,8 @@ class EmbedResult:
     backend: str
     model: str
     truncated: int          # inputs cut at the model's max tokens
+    tokens: list[int] | None = None            # per input: tokens the model read (None from older servers)
+    truncated_rows: list[bool] | None = None   # per input: was it cut?
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
@@ -66,14 +68,21 @@ def resolve_endpoint(endpoint: str | None) -> str:
 
 
 def _embed_fields(texts: Sequence[str], backend: str | None, normalize: bool, timeout: float | None,
-                  dtype: str, priority: str | None) -> dict[str, Any]:
+                  dtype: str, options: dict[str, Any]) -> dict[str, Any]:
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, not a single string")
     wait = timeout if timeout else DEFAULT_WAIT_S
     # deadline_unix_ms: the server drops the request if it arrives after we stopped waiting for it
-    return {"texts": list(texts), "backend": backend, "normalize": normalize, "dtype": dtype, "priority": priority,
+    return {"texts": list(texts), "backend": backend, "normalize": normalize, "dtype": dtype,
             "timeout_ms": max(1, int(timeout * 1000)) if timeout else None,
-            "deadline_unix_ms": int((time.time() + wait) * 1000)}
+            "deadline_unix_ms": int((time.time() + wait) * 1000), **options}
+
+
+def _options(priority: str | None, prompt_name: str | None, prompt: str | None, dimensions: int | None,
+             truncate: str | None) -> dict[str, Any]:
+    """The optional embed fields (docs/protocol.md); None ones are not sent."""
+    return {"priority": priority, "prompt_name": prompt_name, "prompt": prompt, "dimensions": dimensions,
+            "truncate": truncate}
 
 
 def _result(msg: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +92,11 @@ def _result(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_embed_result(msg: dict[str, Any]) -> EmbedResult:
+    tokens, rows = msg.get("tokens"), msg.get("truncated_rows")
     return EmbedResult(blob_to_vectors(msg["data"], msg["shape"], msg.get("dtype", "float32")),
-                       msg.get("backend", ""), msg.get("model", ""), int(msg.get("truncated", 0)))
+                       msg.get("backend", ""), msg.get("model", ""), int(msg.get("truncated", 0)),
+                       [int(n) for n in tokens] if isinstance(tokens, list) else None,
+                       [bool(r) for r in rows] if isinstance(rows, list) else None)
 
 
 class Client:
@@ -157,17 +169,28 @@ class Client:
 
     def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                      timeout: float | None = None, dtype: str = "float32",
-                     priority: str | None = None) -> EmbedResult:
+                     priority: str | None = None, *, prompt_name: str | None = None,
+                     prompt: str | None = None, dimensions: int | None = None,
+                     truncate: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        return _to_embed_result(self._call("embed", wait, timeout or wait,
-                                           **_embed_fields(texts, backend, normalize, timeout, dtype, priority)))
+        fields = _embed_fields(texts, backend, normalize, timeout, dtype,
+                               _options(priority, prompt_name, prompt, dimensions, truncate))
+        return _to_embed_result(self._call("embed", wait, timeout or wait, **fields))
 
     def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
               timeout: float | None = None, dtype: str = "float32",
-              priority: str | None = None) -> np.ndarray:
-        """Embed ``texts``; returns a float32 array of shape (len(texts), dim). Raises EmbedError."""
-        return self.embed_result(texts, backend, normalize, timeout, dtype, priority).vectors
+              priority: str | None = None, *, prompt_name: str | None = None,
+              prompt: str | None = None, dimensions: int | None = None, truncate: str | None = None) -> np.ndarray:
+        """Embed ``texts``; returns a float32 array of shape (len(texts), dim). Raises EmbedError.
+
+        ``priority``: "high" | "normal" | "low" (None: the backend's default);
+        ``prompt_name`` (a prompt the model defines, e.g. "query") or ``prompt`` (a literal prefix);
+        ``dimensions``: keep the first N dims (Matryoshka models); ``truncate``: "end" (default),
+        "start", or "none" (a too-long text is refused with INPUT_TOO_LONG).
+        """
+        return self.embed_result(texts, backend, normalize, timeout, dtype, priority, prompt_name=prompt_name,
+                                 prompt=prompt, dimensions=dimensions, truncate=truncate).vectors
 
     def info(self) -> dict[str, Any]:
         return self._call("info", QUERY_WAIT_S)
@@ -290,17 +313,23 @@ class AsyncClient:
 
     async def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                            timeout: float | None = None, dtype: str = "float32",
-                           priority: str | None = None) -> EmbedResult:
+                           priority: str | None = None, *, prompt_name: str | None = None,
+                           prompt: str | None = None, dimensions: int | None = None,
+                           truncate: str | None = None) -> EmbedResult:
         timeout = timeout if timeout is not None else self.timeout
         wait = (timeout + GRACE_S) if timeout else DEFAULT_WAIT_S
-        msg = await self._call("embed", wait, timeout or wait,
-                               **_embed_fields(texts, backend, normalize, timeout, dtype, priority))
-        return _to_embed_result(msg)
+        fields = _embed_fields(texts, backend, normalize, timeout, dtype,
+                               _options(priority, prompt_name, prompt, dimensions, truncate))
+        return _to_embed_result(await self._call("embed", wait, timeout or wait, **fields))
 
     async def embed(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                     timeout: float | None = None, dtype: str = "float32",
-              priority: str | None = None) -> np.ndarray:
-        return (await self.embed_result(texts, backend, normalize, timeout, dtype, priority)).vectors
+                    priority: str | None = None, *, prompt_name: str | None = None,
+                    prompt: str | None = None, dimensions: int | None = None,
+                    truncate: str | None = None) -> np.ndarray:
+        """As :meth:`Client.embed`."""
+        return (await self.embed_result(texts, backend, normalize, timeout, dtype, priority, prompt_name=prompt_name,
+                                        prompt=prompt, dimensions=dimensions, truncate=truncate)).vectors
 
     async def info(self) -> dict[str, Any]:
         return await self._call("info", QUERY_WAIT_S)

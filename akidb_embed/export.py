@@ -1,10 +1,13 @@
-"""Export a Hugging Face encoder to ONNX: ``python -m akidb_embed.export MODEL_DIR OUT.onnx``.
+"""Export a Hugging Face transformer to ONNX: ``python -m akidb_embed.export MODEL_DIR OUT.onnx``.
 
 The only module of the package that imports torch for ONNX; :func:`akidb_embed.models.onnx_path`
 runs it in a subprocess so the onnx worker never does. The graph takes ``input_ids``,
 ``attention_mask`` and (when the model accepts it) ``token_type_ids``, int64 with dynamic batch and
-sequence axes, and returns ``last_hidden_state``; pooling and normalization stay in the backend.
-Progress goes to stderr.
+sequence axes, and returns ``last_hidden_state``; pooling, Dense and normalization stay in the backend.
+Works for BERT-style encoders, Qwen3 (causal decoder; inputs padded on the right) and Gemma3 text
+models, whose per-layer-type masks (full, sliding window; bidirectional for EmbeddingGemma) are built
+in the graph from the 2-D attention mask and passed precomputed, because transformers' own mask
+construction does not trace (onnxruntime fails with ``unordered_map::at``). Progress goes to stderr.
 """
 from __future__ import annotations
 
@@ -31,10 +34,16 @@ def _wrapped_model(model_dir: Path) -> tuple[Any, list[str]]:
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir))
+    from transformers import AutoConfig
+
+    # decoders and Gemma3 take precomputed additive masks through the eager attention; encoders keep their default
+    model_type = getattr(AutoConfig.from_pretrained(str(model_dir)), "model_type", "")
+    extra = {"attn_implementation": "eager"} if model_type in ("qwen3", "gemma3_text") else {}
+    model = AutoModel.from_pretrained(str(model_dir), **extra)
     model.eval()
     accepted = inspect.signature(model.forward).parameters
     names = [n for n in INPUT_NAMES if n in accepted]  # DistilBERT-style models take no token_type_ids
+    gemma3 = model_type == "gemma3_text"
 
     class LastHidden(torch.nn.Module):
         """Keyword-argument call with a tensor output, as the TorchScript exporter needs."""
@@ -44,9 +53,33 @@ def _wrapped_model(model_dir: Path) -> tuple[Any, list[str]]:
             self.inner = inner
 
         def forward(self, *tensors):  # type: ignore[no-untyped-def]
-            return self.inner(**dict(zip(names, tensors))).last_hidden_state
+            kwargs = dict(zip(names, tensors))
+            if gemma3:
+                kwargs["attention_mask"] = gemma3_masks(kwargs["attention_mask"], self.inner.config)
+            return self.inner(**kwargs).last_hidden_state
 
     return LastHidden(model).eval(), names
+
+
+def gemma3_masks(mask: Any, config: Any) -> dict[str, Any]:
+    """Additive 4-D masks (batch, 1, L, L) per Gemma3 layer type from a 2-D padding mask, as transformers
+    builds them: keys must be real tokens; sliding layers see |q - k| < sliding_window (bidirectional) or
+    0 <= q - k < sliding_window (causal); full layers see every real key (bidirectional) or k <= q."""
+    import torch
+
+    length = mask.shape[1]
+    keys = mask[:, None, None, :].bool()
+    pos = torch.arange(length, device=mask.device)
+    offset = pos[:, None] - pos[None, :]
+    window = int(config.sliding_window or 1 << 30)
+    if getattr(config, "use_bidirectional_attention", False):
+        full, sliding = keys, keys & (offset.abs() < window)
+    else:
+        full = keys & (offset >= 0)
+        sliding = full & (offset < window)
+    lowest = torch.finfo(torch.float32).min
+    zero = torch.zeros((), dtype=torch.float32)
+    return {"full_attention": torch.where(full, zero, lowest), "sliding_attention": torch.where(sliding, zero, lowest)}
 
 
 def _sample_inputs(model_dir: Path) -> dict[str, Any]:
@@ -65,14 +98,14 @@ def _sample_inputs(model_dir: Path) -> dict[str, Any]:
 
 
 def _verify(onnx_file: Path, wrapped: Any, inputs: dict[str, Any]) -> float:
-    """Run the exported graph and torch on the same input; return the max abs difference."""
+    """Run the exported graph and the torch model on the same input; return the max abs difference."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = wrapped(*(inputs[i.name] for i in sess.get_inputs())).numpy()
+    with torch.no_grad():  # the model's own forward (its own masks), not the wrapper that was exported
+        expected = wrapped.inner(**{i.name: inputs[i.name] for i in sess.get_inputs()}).last_hidden_state.numpy()
     feed = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
     got = sess.run(None, feed)[0]
     mask = inputs["attention_mask"].numpy()[..., None].astype(bool)

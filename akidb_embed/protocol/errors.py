@@ -10,6 +10,7 @@ Exception tree (every class carries ``.code``, ``.retryable`` and a human messag
      ├── WorkerDied            WORKER_DIED          retryable
      ├── Overloaded            OVERLOADED           retryable
      ├── PoisonInput           POISON_INPUT         not retryable
+     ├── InputTooLong          INPUT_TOO_LONG       not retryable
      ├── ShuttingDown          SHUTTING_DOWN        retryable
      ├── ServerUnavailable     SERVER_UNAVAILABLE   retryable (raised by the client: no server answers)
      └── InternalError         INTERNAL             not retryable
@@ -31,6 +32,7 @@ class ErrorCode(str, Enum):
     WORKER_DIED = "WORKER_DIED"
     OVERLOADED = "OVERLOADED"
     POISON_INPUT = "POISON_INPUT"
+    INPUT_TOO_LONG = "INPUT_TOO_LONG"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     SERVER_UNAVAILABLE = "SERVER_UNAVAILABLE"
     INTERNAL = "INTERNAL"
@@ -87,6 +89,11 @@ class PoisonInput(EmbedError):
     code = ErrorCode.POISON_INPUT
 
 
+class InputTooLong(EmbedError):
+    """A text has more tokens than the model reads and the request asked for ``truncate = "none"``."""
+    code = ErrorCode.INPUT_TOO_LONG
+
+
 class ShuttingDown(EmbedError):
     code = ErrorCode.SHUTTING_DOWN
     retryable = True
@@ -106,7 +113,7 @@ _BY_CODE: dict[str, type[EmbedError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownBackend, BackendUnavailable, Timeout, WorkerDied,
-        Overloaded, PoisonInput, ShuttingDown, ServerUnavailable, InternalError,
+        Overloaded, PoisonInput, InputTooLong, ShuttingDown, ServerUnavailable, InternalError,
     )
 }
 

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 1
 MAX_TEXTS_PER_REQUEST = 4096
+MAX_PROMPT_CHARS = 4096
 
 PRIORITIES = ("high", "normal", "low")   # scheduling classes, in the order they are served
+TRUNCATE_POLICIES = ("end", "start", "none")
 OPS = ("embed", "info", "health", "status", "restart", "stop", "start")
 CONTROL_OPS = ("restart", "stop", "start")
 
@@ -37,6 +39,10 @@ class EmbedRequest:
     dtype: str = "float32"
     deadline_unix_ms: int | None = None   # the caller's own deadline (its wall clock): stale requests are dropped
     priority: str | None = None   # None: the backend's default_priority
+    prompt_name: str | None = None    # a prompt the model defines; checked by the worker
+    prompt: str | None = None         # a literal prefix; "" = no prompt, not even the default
+    dimensions: int | None = None     # Matryoshka: keep the first N dims; checked by the worker
+    truncate: str = "end"             # "end" | "start" | "none" (too long -> INPUT_TOO_LONG)
 
 
 @dataclass(frozen=True)
@@ -125,8 +131,26 @@ def _parse_embed(msg: dict[str, Any], rid: Any) -> EmbedRequest:
         backend=_field(msg, "backend", (str,), rid),
         normalize=_field(msg, "normalize", (bool,), rid, default=True),
         timeout_ms=timeout_ms, dtype=dtype,
-        deadline_unix_ms=_field(msg, "deadline_unix_ms", (int,), rid),
+        deadline_unix_ms=_field(msg, "deadline_unix_ms", (int,), rid), **_embed_options(msg, rid),
     )
+
+
+def _embed_options(msg: dict[str, Any], rid: Any) -> dict[str, Any]:
+    """``prompt_name``, ``prompt``, ``dimensions``, ``truncate``: types here, meaning in the worker."""
+    prompt_name = _field(msg, "prompt_name", (str,), rid)
+    prompt = _field(msg, "prompt", (str,), rid)
+    if prompt_name is not None and prompt is not None:
+        raise RequestError("give either 'prompt_name' or 'prompt', not both", rid)
+    for name, value in (("prompt_name", prompt_name), ("prompt", prompt)):
+        if value is not None and len(value) > MAX_PROMPT_CHARS:
+            raise RequestError(f"field {name!r} is longer than {MAX_PROMPT_CHARS} characters", rid)
+    dimensions = _field(msg, "dimensions", (int,), rid)
+    if dimensions is not None and dimensions <= 0:
+        raise RequestError("field 'dimensions' must be a positive integer", rid)
+    truncate = _field(msg, "truncate", (str,), rid, default="end")
+    if truncate not in TRUNCATE_POLICIES:
+        raise RequestError(f"field 'truncate' must be one of {', '.join(TRUNCATE_POLICIES)}", rid)
+    return {"prompt_name": prompt_name, "prompt": prompt, "dimensions": dimensions, "truncate": truncate}
 
 
 # ---- client requests (what Client sends) -------------------------------------------------
@@ -150,9 +174,16 @@ def error_response(rid: Any, err: EmbedError) -> bytes:
 
 
 def embed_response(rid: Any, vectors: "np.ndarray", *, dtype: str, backend: str, model: str,
-                   truncated: int) -> bytes:
+                   truncated: int, tokens: list[int] | None = None,
+                   truncated_rows: list[bool] | None = None) -> bytes:
+    """``truncated`` counts the cut texts (v1 meaning); ``tokens``/``truncated_rows`` say it per text."""
+    extra: dict[str, Any] = {}
+    if tokens is not None:
+        extra["tokens"] = tokens
+    if truncated_rows is not None:
+        extra["truncated_rows"] = truncated_rows
     return ok_response(rid, shape=list(vectors.shape), dtype=dtype, data=vectors_to_blob(vectors, dtype),
-                       backend=backend, model=model, truncated=truncated)
+                       backend=backend, model=model, truncated=truncated, **extra)
 
 
 def parse_response(frame: bytes) -> dict[str, Any]:

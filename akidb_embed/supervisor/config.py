@@ -152,7 +152,7 @@ def _single_provider(src: str, table: Mapping[str, Any], env: Mapping[str, str])
 
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding"})
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "models"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
@@ -168,6 +168,7 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{src}: [backends] must hold at least one [backends.NAME] table")
     backends = {name: _backend(src, name, table, policy) for name, table in tables.items()}
+    backends = _with_model_settings(src, doc.get("models", {}), backends)
     default = server.get("default_backend", next(iter(backends)))
     if default not in backends:
         raise ConfigError(f"{src}: server.default_backend = {default!r} names no backend; "
@@ -178,6 +179,24 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     drain = float(_check_value(src, "supervisor", "drain_timeout_s", supervisor.get("drain_timeout_s", 10.0)))
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
                   drain_timeout_s=drain, source=src)
+
+
+def _with_model_settings(src: str, table: Any, backends: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
+    """``[models]`` (``aliases``, ``cache_max_gb``) travels to every model-loading worker in its options."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [models] must be a table")
+    _check_keys(src, "models", table, {"aliases", "cache_max_gb"})
+    aliases = table.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                for k, v in aliases.items()):
+        raise ConfigError(f"{src}: models.aliases must be a table of short name = \"hub id or path\"")
+    extra: dict[str, Any] = {"aliases": aliases} if aliases else {}
+    if "cache_max_gb" in table:
+        extra["cache_max_gb"] = float(_check_value(src, "models", "cache_max_gb", table["cache_max_gb"]))
+    if not extra:
+        return backends
+    return {name: b if b.kind == "mock" else replace(b, options={**b.options, **extra})
+            for name, b in backends.items()}
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from akidb_embed.protocol.messages import (
 from akidb_embed.workers.backends import Backend, ModelInfo, create_backend
 from akidb_embed.workers.batching import Slot, plan_groups
 from akidb_embed.workers.lifeline import Heartbeat
+from akidb_embed.workers.request_options import ModelLimits
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class Job:
     vectors: np.ndarray | None = None
     remaining: int = 0
     failed: bool = False
-    tokens: int = 0
+    texts: list[str] = field(default_factory=list)   # the request's texts with its prompt in front
+    dimensions: int | None = None                    # keep this many leading dims (None: all)
+    tokens: list[int] = field(default_factory=list)  # per text: untruncated token count
 
 
 class Worker:
@@ -57,6 +60,7 @@ class Worker:
         self.heartbeat = Heartbeat(self.ctx, settings.endpoint, settings.wid, settings.heartbeat_s)
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None
+        self.limits: ModelLimits | None = None
         self.stopping = False
         self._outbox: list[tuple[int, str | None, bytes, int | None]] = []   # (seq, code, answer, tokens)
         self._passes: list[list[float]] = []   # [texts, tokens, seconds] per forward pass, sent with answers
@@ -81,6 +85,9 @@ class Worker:
         try:
             self.backend = create_backend(self.s.kind, self.s.model, self.s.options)
             self.info = self.backend.load()
+            self.limits = ModelLimits.from_info(self.info, self.s.options)
+            self.info = replace(self.info, default_prompt_name=self.limits.default_prompt_name,
+                                matryoshka_dims=self.limits.matryoshka_dims)   # what requests get, for info
         except Exception as exc:  # report every load failure as a value, then exit
             err = exc if isinstance(exc, EmbedError) else BackendUnavailable(
                 f"{self.s.kind} backend failed to load model {self.s.model!r}: {type(exc).__name__}: {exc}")
@@ -132,29 +139,50 @@ class Worker:
         for job in jobs:
             if job.deadline <= now:
                 self._reply_error(job, Timeout("deadline passed before the worker started the request"))
-            else:
+            elif self._prepare(job):
                 live.append(job)
-        slots = [(Slot(j, r), text) for j, job in enumerate(live) for r, text in enumerate(job.request.texts)]
+        slots = [(Slot(j, r), text) for j, job in enumerate(live) for r, text in enumerate(job.texts)]
         if not slots:
             return
-        try:
-            lengths = self.backend.token_lengths([text for _, text in slots])
-        except Exception:  # only a grouping hint: fall back to the generic estimate, let embed report errors
-            log.exception("worker %s: token_lengths failed; grouping by estimate", self.s.wid)
-            lengths = Backend.token_lengths(self.backend, [text for _, text in slots])
+        counts = self._token_counts([text for _, text in slots])
+        limit = self.info.max_tokens
         self._slot_tokens = {}
-        for (slot, _), length in zip(slots, lengths):
-            live[slot.job].remaining += 1
-            live[slot.job].tokens += length
-            self._slot_tokens[slot] = length
-        groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
-                             self.s.max_batch_size, self.s.max_batch_tokens)
-        truncated = [0] * len(live)
-        for group in groups:
-            self._run_group(live, group, truncated)
-            self._flush()   # the requests this pass finished are answered now, together
+        for (slot, _), count in zip(slots, counts):
+            live[slot.job].tokens.append(count)
+            self._slot_tokens[slot] = min(count, limit)
+        for job in live:
+            try:
+                self.limits.refuse_too_long(job.request, job.tokens)
+            except EmbedError as err:
+                job.failed = True
+                self._reply_error(job, err)
+            job.remaining = len(job.texts)
+        for side in ("end", "start"):  # a forward pass cuts all its texts at the same end
+            todo = [(slot, min(n, limit)) for (slot, _), n in zip(slots, counts)
+                    if not live[slot.job].failed and (live[slot.job].request.truncate == "start") == (side == "start")]
+            for group in plan_groups(todo, self.s.max_batch_size, self.s.max_batch_tokens):
+                self._run_group(live, group, side)
+                self._flush()   # the requests this pass finished are answered now, together
 
-    def _run_group(self, jobs: list[Job], group: list[Slot], truncated: list[int]) -> None:
+    def _prepare(self, job: Job) -> bool:
+        """Apply the request's prompt and check its dimensions; False (answered) when the model can't."""
+        try:
+            prompt = self.limits.prompt(job.request)
+            job.dimensions = self.limits.dimensions(job.request)
+        except EmbedError as err:
+            self._reply_error(job, err)
+            return False
+        job.texts = [prompt + t for t in job.request.texts] if prompt else list(job.request.texts)
+        return True
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        try:
+            return self.backend.token_counts(texts)
+        except Exception:  # fall back to the generic estimate, let embed report errors
+            log.exception("worker %s: token_counts failed; using estimates", self.s.wid)
+            return Backend.token_counts(self.backend, texts)
+
+    def _run_group(self, jobs: list[Job], group: list[Slot], side: str) -> None:
         now = time.monotonic()
         todo = [slot for slot in group if not jobs[slot.job].failed]
         for slot in todo:
@@ -168,26 +196,21 @@ class Worker:
         self.heartbeat.running = sorted({jobs[s.job].seq for s in todo})   # what a hang would be blamed on
         started = time.perf_counter()
         try:
-            out = self.backend.embed([jobs[s.job].request.texts[s.row] for s in todo])
+            out = self.backend.embed([jobs[s.job].texts[s.row] for s in todo], truncate=side)
         except Exception as exc:
-            self._group_failed(jobs, todo, truncated, exc)
+            self._group_failed(jobs, todo, side, exc)
             return
         finally:
             self.heartbeat.running = []
         self._passes.append([len(todo), sum(self._slot_tokens.get(s, 0) for s in todo),
                              round(time.perf_counter() - started, 6)])
-        if out.truncated_rows is None and out.truncated and len({s.job for s in todo}) == 1:
-            truncated[todo[0].job] += out.truncated   # no per-row flags, but one owner: the count is exact
-        else:
-            for i, slot in enumerate(todo):
-                truncated[slot.job] += out.row_truncated(i)
-        self._store(jobs, todo, out.vectors, truncated)
+        self._store(jobs, todo, out.vectors)
 
-    def _group_failed(self, jobs: list[Job], todo: list[Slot], truncated: list[int], exc: Exception) -> None:
+    def _group_failed(self, jobs: list[Job], todo: list[Slot], side: str, exc: Exception) -> None:
         owners = sorted({s.job for s in todo})
         if len(owners) > 1:  # isolate: run each request's texts apart so one bad input fails alone
             for j in owners:
-                self._run_group(jobs, [s for s in todo if s.job == j], truncated)
+                self._run_group(jobs, [s for s in todo if s.job == j], side)
             return
         job = jobs[owners[0]]
         job.failed = True
@@ -198,28 +221,38 @@ class Worker:
             err = InternalError(f"{self.s.kind} backend failed: {type(exc).__name__}: {exc}")
         self._reply_error(job, err)
 
-    def _store(self, jobs: list[Job], todo: list[Slot], out: np.ndarray, truncated: list[int]) -> None:
+    def _store(self, jobs: list[Job], todo: list[Slot], out: np.ndarray) -> None:
         for i, slot in enumerate(todo):
             job = jobs[slot.job]
             if job.vectors is None:
-                job.vectors = np.empty((len(job.request.texts), out.shape[1]), dtype=np.float32)
-            job.vectors[slot.row] = out[i]
+                width = job.dimensions or out.shape[1]
+                job.vectors = np.empty((len(job.request.texts), width), dtype=np.float32)
+            job.vectors[slot.row] = out[i, :job.vectors.shape[1]]
             job.remaining -= 1
             if job.remaining == 0:
-                self._reply_ok(job, truncated[slot.job])
+                self._reply_ok(job)
 
     # ---- replies ------------------------------------------------------------------------
-    def _reply_ok(self, job: Job, truncated: int) -> None:
+    def _reply_ok(self, job: Job) -> None:
         vectors = job.vectors
         if job.request.normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
+        limit = self.info.max_tokens
+        cut = [n > limit for n in job.tokens]
         response = embed_response(job.request.id, vectors, dtype=job.request.dtype, backend=self.s.backend,
-                                  model=self.info.model, truncated=truncated)
-        self._outbox.append((job.seq, None, response, job.tokens))
+                                  model=self.info.model, truncated=sum(cut),
+                                  tokens=[min(n, limit) for n in job.tokens], truncated_rows=cut)
+        self._outbox.append((job.seq, None, response, self._job_tokens(job)))
 
     def _reply_error(self, job: Job, err: EmbedError) -> None:
-        self._outbox.append((job.seq, err.code.value, error_response(job.request.id, err), job.tokens or None))
+        self._outbox.append((job.seq, err.code.value, error_response(job.request.id, err),
+                             self._job_tokens(job) or None))
+
+    def _job_tokens(self, job: Job) -> int:
+        """The tokens the model reads for this request (each text cut at max_tokens), for the done header."""
+        limit = self.info.max_tokens if self.info is not None else 0
+        return sum(min(n, limit) for n in job.tokens) if limit else sum(job.tokens)
 
     def _flush(self) -> None:
         """Send every finished answer as one message [header1, answer1, header2, answer2, ...]; the first

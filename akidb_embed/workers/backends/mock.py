@@ -52,7 +52,7 @@ class MockBackend(Backend):
         return ModelInfo(model=self.model or "mock", dim=self.dim, max_tokens=self.max_tokens,
                          extra={"deterministic": True})
 
-    def embed(self, texts: Sequence[str]) -> EmbedOutput:
+    def embed(self, texts: Sequence[str], truncate: str = "end") -> EmbedOutput:
         self._inject_faults(texts)
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -62,12 +62,12 @@ class MockBackend(Backend):
             words = text.split()
             if len(words) > self.max_tokens:
                 cut[i] = True
-                text = " ".join(words[: self.max_tokens])
+                text = " ".join(words[-self.max_tokens:] if truncate == "start" else words[: self.max_tokens])
             out[i] = mock_vector(text, self.dim)
         return EmbedOutput(out, sum(cut), cut)
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        return [min(len(t.split()), self.max_tokens) + 2 for t in texts]
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        return [len(t.split()) for t in texts]   # a mock token is a word
 
     def _inject_faults(self, texts: Sequence[str]) -> None:
         opts = self.options

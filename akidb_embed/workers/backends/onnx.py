@@ -1,13 +1,15 @@
-"""ONNX Runtime backend: a tokenizer.json tokenizer, an ONNX encoder, pooling in numpy.
+"""ONNX Runtime backend: a tokenizer.json tokenizer, an ONNX graph of the transformer, the rest in numpy.
 
-Never imports torch: a missing ONNX file is exported by a subprocess (:func:`akidb_embed.models.onnx_path`).
-Pooling and normalization follow the model's ``modules.json`` so vectors match sentence-transformers.
+Never imports torch: a missing ONNX file is exported by a subprocess (:func:`akidb_embed.models.onnx_path`;
+BERT-style encoders, Qwen3 decoders and Gemma3 text models). Pooling (mean, cls, max, lasttoken), Dense
+layers and normalization follow the model's ``modules.json`` so vectors match sentence-transformers.
+Texts are padded on the right; last-token pooling takes each row's last real token.
 
 Options (all optional): ``threads`` (intra-op, default: CPUs available to the process),
 ``inter_op_threads`` (1), ``spin`` (True: idle ORT threads spin-wait; false frees the cores between batches), ``providers`` (["CPUExecutionProvider"]; unavailable ones are dropped with
 a warning), ``graph_optimization`` ("all" | "extended" | "basic" | "disable"), ``quantize``
 (None | "int8"), ``max_seq_length`` (default from sentence_bert_config.json), ``cache_dir``,
-``allow_download`` (True).
+``allow_download`` (True); prompts and dimensions: see :mod:`akidb_embed.workers.request_options`.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ log = logging.getLogger(__name__)
 
 _OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
                "basic": "ORT_ENABLE_BASIC", "disable": "ORT_DISABLE_ALL"}
-_PENDING_LIMIT = 4096  # encodings kept from token_lengths() for the next embed()
 
 
 def available_cpus() -> int:
@@ -41,8 +42,7 @@ class OnnxBackend(Backend):
     def __init__(self, model: str, options: Mapping[str, Any]) -> None:
         super().__init__(model, options)
         self._session: Any = None
-        self._tokenizer: Any = None
-        self._pending: dict[str, Any] = {}
+        self._encoder: models.TextEncoder | None = None
 
     # ------------------------------------------------------------ load
 
@@ -54,33 +54,31 @@ class OnnxBackend(Backend):
             raise BackendUnavailable(
                 f"onnxruntime is not installed: pip install onnxruntime tokenizers ({exc})") from exc
         opts = self.options
-        model_dir = self._resolve()
+        model_dir = self.resolve_model_dir()
         try:
             self._config = models.read_sentence_config(model_dir)
             self.max_tokens = int(opts.get("max_seq_length") or self._config.max_seq_length)
-            self._tokenizer = models.load_tokenizer(model_dir, self.max_tokens)
-            self._pad_id = models.pad_id(self._tokenizer, model_dir)
+            self._encoder = models.TextEncoder(model_dir, self.max_tokens, self._config.do_lower_case)
+            self._pad_id = models.pad_id(self._encoder.tokenizer, model_dir)
+            self._pipeline = models.Pipeline(model_dir, self._config)
             self._onnx_file = models.onnx_path(model_dir, quantize=opts.get("quantize"),
                                                cache_dir=opts.get("cache_dir"))
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendUnavailable(f"cannot prepare ONNX model {self.model!r} from {model_dir}: {exc}") from exc
         self._session = self._make_session(ort)
         self._inputs = [i.name for i in self._session.get_inputs()]
         outputs = [o.name for o in self._session.get_outputs()]
         self._output = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
+        self.enforce_cache_limit()
         dim = int(self.embed(["warm-up"]).vectors.shape[1])
         return ModelInfo(model=self.model, dim=dim, max_tokens=self.max_tokens, extra={
             "path": str(model_dir), "onnx_file": str(self._onnx_file),
             "providers": self._session.get_providers(), "threads": self._threads,
-            "pooling": "+".join(self._config.pooling), "normalize": self._config.normalize,
-            "quantize": opts.get("quantize")})
-
-    def _resolve(self):  # -> Path
-        try:
-            return models.resolve_model(self.model, cache_dir=self.options.get("cache_dir"),
-                                        allow_download=bool(self.options.get("allow_download", True)))
-        except models.ModelNotFound as exc:
-            raise BackendUnavailable(str(exc)) from exc
+            **models.describe(self._config), "padding_side": "right",
+            "quantization": opts.get("quantize"), "quantize": opts.get("quantize"),
+            "revision": models.weights_revision(model_dir, self.options.get("cache_dir"))},
+            prompts=self._config.prompts, default_prompt_name=self._config.default_prompt_name,
+            matryoshka_dims=self._config.matryoshka_dims)
 
     def _make_session(self, ort: Any) -> Any:
         opts = self.options
@@ -117,38 +115,23 @@ class OnnxBackend(Backend):
 
     # ------------------------------------------------------------ embed
 
-    def _encode(self, texts: Sequence[str]) -> list[Any]:
-        """Encodings (truncated, unpadded), reusing those made by the last ``token_lengths``."""
-        pending = self._pending
-        if pending:
-            found = [pending.get(t) for t in texts]
-            if all(e is not None for e in found):
-                for t in texts:
-                    pending.pop(t, None)
-                return found
-        prepared = [t.lower() for t in texts] if self._config.do_lower_case else list(texts)
-        return self._tokenizer.encode_batch(prepared)
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        if self._encoder is None:
+            return super().token_counts(texts)
+        return self._encoder.counts(texts)
 
-    def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        if self._tokenizer is None:
-            return super().token_lengths(texts)
-        if len(self._pending) > _PENDING_LIMIT:
-            self._pending.clear()
-        prepared = [t.lower() for t in texts] if self._config.do_lower_case else list(texts)
-        encodings = self._tokenizer.encode_batch(prepared)
-        self._pending.update(zip(texts, encodings))
-        return [len(e.ids) for e in encodings]
-
-    def embed(self, texts: Sequence[str]) -> EmbedOutput:
+    def embed(self, texts: Sequence[str], truncate: str = "end") -> EmbedOutput:
         n = len(texts)
         if n == 0:
             return EmbedOutput(np.zeros((0, 0), dtype=np.float32), 0)
-        ids, mask, types, cut = models.pad_batch(self._encode(texts), self._pad_id)
+        if self._encoder is None:
+            raise RuntimeError("embed() before load()")
+        ids, mask, types, cut = models.pad_batch(self._encoder.encode(texts, truncate), self._pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         hidden = self._session.run([self._output], {k: feeds[k] for k in self._inputs})[0]
-        vectors = models.pool(hidden, mask, self._config.pooling, self._config.normalize)
-        return EmbedOutput(vectors, sum(cut), cut)
+        return EmbedOutput(self._pipeline(hidden, mask), sum(cut), cut)
 
     def close(self) -> None:
         self._session = None
-        self._pending.clear()
+        self._encoder = None
+        super().close()
