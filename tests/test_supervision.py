@@ -505,9 +505,9 @@ def test_events_report_answers_batches_and_worker_lifecycle(bound_sup):
     assert out == {"v": (2, 384), "err": "UNKNOWN_BACKEND"}
     assert any(isinstance(e, ev.WorkerStarted) and e.backend == "m" and e.pid for e in seen)
     ok = [e for e in seen if isinstance(e, ev.RequestAnswered) and e.code is None]
-    assert len(ok) == 1 and ok[0].backend == "m" and ok[0].texts == 2 and ok[0].tokens == 5 + 3   # the mock counts words + 2
+    assert len(ok) == 1 and ok[0].backend == "m" and ok[0].texts == 2 and ok[0].tokens == 3 + 1   # a mock token is a word
     assert 0 <= ok[0].queue_s <= ok[0].total_s and 0 <= ok[0].run_s <= ok[0].total_s
     assert any(isinstance(e, ev.RequestAnswered) and e.code == "UNKNOWN_BACKEND" for e in seen)
-    assert any(isinstance(e, ev.BatchRun) and e.texts == 2 and e.tokens == 8 for e in seen)
+    assert any(isinstance(e, ev.BatchRun) and e.texts == 2 and e.tokens == 4 for e in seen)
     assert any(isinstance(e, ev.WorkerReady) and e.backend == "m" for e in seen)
     assert any(isinstance(e, ev.BackendStateChanged) and (e.old, e.new) == ("STARTING", "READY") for e in seen)
