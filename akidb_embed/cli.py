@@ -40,7 +40,7 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_embed(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.embed_result(args.texts, backend=args.backend, normalize=not args.no_normalize,
-                                     timeout=args.timeout)
+                                     timeout=args.timeout, priority=args.priority)
     vectors = result.vectors
     if args.json:
         print(json.dumps({"backend": result.backend, "model": result.model, "truncated": result.truncated,
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--backend")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--priority", choices=["high", "normal", "low"], help="default: the backend's default_priority")
     p.add_argument("--no-normalize", action="store_true")
     p.add_argument("--json", action="store_true", help="print full vectors as JSON")
     p.set_defaults(func=cmd_embed)

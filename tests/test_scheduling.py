@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from akidb_embed import AsyncClient, Client
-from tests.conftest import poll_until
+from conftest import poll_until
 
 LONG = "word " * 300          # ~1,500 characters: a bulk-sized single text (more than interactive_tokens)
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from akidb_embed.protocol.errors import EmbedError, Overloaded, PoisonInput, WorkerDied
 from akidb_embed.supervisor.config import BackendConfig
-from akidb_embed.supervisor.fairqueue import PRIORITY_CLASSES, FairQueue
+from akidb_embed.supervisor.fairqueue import HIGH, PRIORITY_CLASSES, FairQueue
 from akidb_embed.supervisor.jobs import Job, make_jobs
 from akidb_embed.supervisor.passes import PassSizer, compose_pass
 from akidb_embed.supervisor.process import WorkerProcess
@@ -40,7 +40,8 @@ class Scheduler:
     def __init__(self, cfg: BackendConfig, table: RequestTable, quarantine: Quarantine) -> None:
         self.cfg, self.table, self.quarantine = cfg, table, quarantine
         self.queue: FairQueue[Job] = FairQueue(quantum=cfg.fair_quantum_tokens)
-        self.sizer = PassSizer(cfg.max_batch_tokens, cfg.latency_pass_ms, cfg.interactive_window_s)
+        self.sizer = PassSizer(cfg.max_batch_tokens, cfg.latency_pass_ms, cfg.interactive_window_s,
+                               cfg.high_latency_pass_ms)
         self.default_priority = PRIORITY_CLASSES[cfg.default_priority]
         self.suspects: deque[Job] = deque()   # run one at a time, alone on a worker, to find a poison input
         self.passes: dict[str, deque[_Pass]] = {}   # wid -> passes handed over and not finished, oldest first
@@ -62,7 +63,7 @@ class Scheduler:
         jobs = make_jobs(req, self.cfg.part_tokens, cls, self.queue.peer_tokens(req.peer),
                          self.cfg.interactive_tokens)
         if jobs[0].interactive:
-            self.sizer.note_interactive(time.monotonic())
+            self.sizer.note_interactive(time.monotonic(), high=cls == HIGH)
         for job in jobs:
             self.queue.push(job)
         self._queued[req.seq] = req
