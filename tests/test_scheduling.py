@@ -192,3 +192,39 @@ def test_a_4096_text_request_split_into_parts_equals_one_pass(serve, kind: str, 
     assert split.truncated == whole.truncated > 0
     cos = np.sum(split.vectors * whole.vectors, axis=1)
     assert cos.min() >= 0.9999, cos.min()
+
+
+def test_split_request_survives_a_worker_kill_and_isolates_a_poison_part(serve) -> None:
+    """Retry once and poison isolation work per part: a killed worker's parts are re-run; the part
+    holding a poison text is found, and only its request gets POISON_INPUT."""
+    import os
+    import signal
+
+    from akidb_embed import EmbedError
+    server = serve("""
+        [backends.m]
+        kind = "mock"
+        dim = 8
+        delay_ms = 30
+        part_tokens = 16
+        replicas = 2
+        crash_on = "POISON"
+    """)
+    texts = [f"split text {i} " + "pad " * 5 for i in range(200)]
+    with Client(server.endpoint) as c:
+        whole = c.embed(texts, backend="m", timeout=60)
+    assert whole.shape == (200, 8)
+
+    async def scenario() -> tuple[object, object]:
+        async with AsyncClient(server.endpoint) as a, AsyncClient(server.endpoint) as b:
+            good = asyncio.ensure_future(a.embed(texts, backend="m", timeout=60))
+            await asyncio.to_thread(poll_until, lambda: _in_flight(server, "m") > 0, 30)
+            os.kill(server.worker_pids("m")[0], signal.SIGKILL)
+            bad = asyncio.ensure_future(b.embed(texts[:50] + ["POISON"] + texts[50:100], backend="m", timeout=60))
+            results = await asyncio.gather(good, bad, return_exceptions=True)
+            return results[0], results[1]
+    good, bad = asyncio.run(scenario())
+    assert isinstance(good, np.ndarray) and np.array_equal(good, whole)
+    assert isinstance(bad, EmbedError) and bad.code.value == "POISON_INPUT", bad
+    with Client(server.endpoint) as c:
+        assert np.array_equal(c.embed(texts, backend="m", timeout=60), whole)
