@@ -83,8 +83,8 @@ def test_high_before_normal_before_low_when_the_worker_is_busy(serve) -> None:
         clients = [AsyncClient(server.endpoint) for _ in range(5)]
         try:
             blockers = [asyncio.ensure_future(clients[i].embed([LONG + str(i)], backend="m", timeout=60))
-                        for i in range(2)]
-            await asyncio.to_thread(poll_until, lambda: _in_flight(server, "m") == 2, 30)
+                        for i in range(1)]
+            await asyncio.to_thread(poll_until, lambda: _in_flight(server, "m") == 1, 30)
             calls = {"low": clients[2].embed([LONG + "l"], backend="m", priority="low", timeout=60),
                      "normal": clients[3].embed([LONG + "n"], backend="m", timeout=60),
                      "high": clients[4].embed([LONG + "h"], backend="m", priority="high", timeout=60)}
@@ -138,8 +138,8 @@ def test_backend_default_priority_applies_to_requests_that_name_none(serve) -> N
         clients = [AsyncClient(server.endpoint) for _ in range(4)]
         try:
             blockers = [asyncio.ensure_future(clients[i].embed([LONG + str(i)], backend="m", timeout=60))
-                        for i in range(2)]
-            await asyncio.to_thread(poll_until, lambda: _in_flight(server, "m") == 2, 30)
+                        for i in range(1)]
+            await asyncio.to_thread(poll_until, lambda: _in_flight(server, "m") == 1, 30)
             calls = {"default": clients[2].embed([LONG + "d"], backend="m", timeout=60),
                      "normal": clients[3].embed([LONG + "n"], backend="m", priority="normal", timeout=60)}
             order = await _gather_in_order(calls)

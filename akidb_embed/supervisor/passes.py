@@ -99,3 +99,33 @@ def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: i
         units.append(nxt)
         tokens += nxt.cost
         texts += nxt.n_texts
+
+
+def plan_bulk_window(queue: FairQueue[W], max_texts: int, max_tokens: int, window_passes: int) -> list[list[W]]:
+    """With no query around: the next ``window_passes`` passes' worth of bulk units of one priority,
+    sorted by length per text and cut into passes. Texts of similar length share a pass, so little
+    of it is padding (the sort the worker can do within one pass, done over several)."""
+    units: list[W] = []
+    texts = 0
+    while True:
+        nxt = queue.peek()
+        if (nxt is None or nxt.interactive or (units and nxt.priority != units[0].priority)
+                or (units and texts + nxt.n_texts > window_passes * max_texts)):
+            break
+        queue.pop()
+        units.append(nxt)
+        texts += nxt.n_texts
+    units.sort(key=lambda u: u.cost / max(1, u.n_texts))
+    passes: list[list[W]] = []
+    current: list[W] = []
+    n = tokens = 0
+    for u in units:
+        if current and (n + u.n_texts > max_texts or tokens + u.cost > max_tokens):
+            passes.append(current)
+            current, n, tokens = [], 0, 0
+        current.append(u)
+        n += u.n_texts
+        tokens += u.cost
+    if current:
+        passes.append(current)
+    return passes
