@@ -40,8 +40,8 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_embed(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.embed_result(args.texts, backend=args.backend, normalize=not args.no_normalize,
-                                     timeout=args.timeout, prompt_name=args.prompt_name, prompt=args.prompt,
-                                     dimensions=args.dimensions, truncate=args.truncate)
+                                     timeout=args.timeout, priority=args.priority, prompt_name=args.prompt_name,
+                                     prompt=args.prompt, dimensions=args.dimensions, truncate=args.truncate)
     vectors = result.vectors
     if args.json:
         print(json.dumps({"backend": result.backend, "model": result.model, "truncated": result.truncated,
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--backend")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--priority", choices=["high", "normal", "low"], help="default: the backend's default_priority")
     p.add_argument("--no-normalize", action="store_true")
     prompts = p.add_mutually_exclusive_group()
     prompts.add_argument("--prompt-name", help="a prompt the model defines, e.g. query or document")

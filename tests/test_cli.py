@@ -159,3 +159,10 @@ def test_no_server_is_a_clear_error(tmp_path: Path):
     assert "no answer from the supervisor" in r.stderr and endpoint in r.stderr
     assert "akidb-embed serve" in r.stderr and "Traceback" not in r.stderr
     assert elapsed < 14, elapsed   # the client's query wait is 10 s
+
+
+def test_embed_priority_flag(server):
+    r = run("embed", "hello world", "--priority", "low", "--endpoint", server.endpoint)
+    assert r.returncode == 0, r.stderr
+    r = run("embed", "hello world", "--priority", "urgent", "--endpoint", server.endpoint)
+    assert r.returncode == 2 and "priority" in r.stderr

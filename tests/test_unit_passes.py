@@ -60,3 +60,31 @@ def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
     got = compose_pass(q, s, now=0.0, max_texts=16)
     assert [w.peer for w in got] == [b"q1", b"q2"]                       # new peers first, queries together
     assert all(not w.interactive for w in compose_pass(q, s, now=0.0, max_texts=16))
+
+
+def test_bulk_window_sorts_by_length_and_stops_at_a_query_or_another_priority() -> None:
+    from dataclasses import dataclass
+
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import plan_bulk_window
+
+    @dataclass(eq=False)
+    class W:
+        peer: bytes
+        cost: int
+        n_texts: int = 1
+        interactive: bool = False
+        priority: int = 1
+
+        def alive(self) -> bool:
+            return True
+
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    for cost in (90, 10, 50, 20, 80, 30, 70, 40):
+        q.push(W(b"bulk", cost))
+    passes = plan_bulk_window(q, max_texts=2, max_tokens=10**6, window_passes=3)
+    assert [[w.cost for w in p] for p in passes] == [[10, 20], [30, 50], [80, 90]]
+    assert [w.cost for w in plan_bulk_window(q, 2, 10**6, 3)[0]] == [40, 70]   # the rest, next time
+    q.push(W(b"bulk", 5))
+    q.push(W(b"bulk", 6, priority=2))
+    assert [[w.cost for w in p] for p in plan_bulk_window(q, 2, 10**6, 3)] == [[5]]

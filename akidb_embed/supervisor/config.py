@@ -52,7 +52,8 @@ class BackendConfig:
     max_batch_size: int = 16             # texts in one forward pass (16 measured best on CPU)
     max_batch_tokens: int = 4096         # padded tokens (longest x count) in one forward pass
     default_priority: str = "normal"     # priority of requests that name none: high | normal | low
-    latency_pass_ms: float = 30.0        # while queries are around, a bulk pass holds about this much work
+    latency_pass_ms: float = 40.0        # while queries are around, a bulk pass holds about this much work
+    high_latency_pass_ms: float = 20.0   # ... while high-priority queries are around
     interactive_window_s: float = 2.0    # ... and "around" means seen within this many seconds
     interactive_tokens: int = 256        # a request is a query when its client has at most this many tokens queued
     part_tokens: int = 128               # larger requests are cut into parts of about this many tokens
@@ -80,7 +81,8 @@ _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
              "max_requests_per_worker", "restart_max", "interactive_tokens", "part_tokens", "fair_quantum_tokens"}
 _POSITIVE_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
-                  "max_requests_per_worker", "part_tokens", "fair_quantum_tokens", "latency_pass_ms"}
+                  "max_requests_per_worker", "part_tokens", "fair_quantum_tokens", "latency_pass_ms",
+                  "high_latency_pass_ms"}
 _STR_KEYS = {"kind", "model", "python", "endpoint", "default_backend", "default_priority"}
 PRIORITY_NAMES = ("high", "normal", "low")
 

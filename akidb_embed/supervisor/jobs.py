@@ -68,12 +68,13 @@ def part_bounds(costs: list[int], part_tokens: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def make_jobs(req: Request, part_tokens: int, priority: int, peer_queued_tokens: int,
+def make_jobs(req: Request, part_tokens: int, priority: int, peer_held_tokens: int,
               interactive_tokens: int) -> list[Job]:
-    """The jobs of a new request: one when it fits in a part, else one per part."""
+    """The jobs of a new request: one when it fits in a part, else one per part. It is a query when
+    it and everything else its client has in the server fit in ``interactive_tokens``."""
     costs = [estimate_tokens(t) for t in req.texts]
-    total = sum(costs)
-    interactive = total + peer_queued_tokens <= interactive_tokens
+    total = req.est_tokens = sum(costs)
+    interactive = total + peer_held_tokens <= interactive_tokens
     if total <= part_tokens or len(costs) == 1:
         return [Job(next(_seqs), req, 0, req.frame, req.texts, total, priority, interactive, req.deadline)]
     bounds = part_bounds(costs, part_tokens)

@@ -5,9 +5,10 @@ per token for English subword vocabularies, plus the special tokens), which is a
 needs to compare work. It learns the backend's speed (seconds per estimated token, an exponentially
 weighted mean over the passes it has timed) and sizes passes in time:
 
-* while interactive work is around (a high-priority request, or a small one, seen within
-  ``interactive_window_s``), a pass holds about ``latency_pass_ms`` of work, so newly arriving
-  queries never wait behind more than that;
+* while queries are around (small requests from clients with little else waiting, seen within
+  ``interactive_window_s``), a bulk pass holds about ``latency_pass_ms`` of work, so a newly arriving
+  query never waits behind more than that; about ``high_latency_pass_ms`` while high-priority
+  queries are around;
 * otherwise passes grow to ``max_batch_tokens``, the most efficient size.
 """
 from __future__ import annotations
@@ -27,12 +28,15 @@ def estimate_tokens(text: str, max_tokens: int = 512) -> int:
 
 
 class PassSizer:
-    def __init__(self, max_batch_tokens: int, latency_pass_ms: float, interactive_window_s: float) -> None:
+    def __init__(self, max_batch_tokens: int, latency_pass_ms: float, interactive_window_s: float,
+                 high_latency_pass_ms: float | None = None) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.latency_pass_s = latency_pass_ms / 1000.0
+        self.high_latency_pass_s = (latency_pass_ms if high_latency_pass_ms is None else high_latency_pass_ms) / 1000.0
         self.window_s = interactive_window_s
         self.s_per_token: float | None = None       # learned from timed passes
         self.interactive_until = float("-inf")      # monotonic time until which passes stay short
+        self.high_until = float("-inf")             # ... and until which they stay shorter
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A pass of ``tokens`` estimated tokens took ``seconds`` from hand-over to its last answer."""
@@ -42,14 +46,17 @@ class PassSizer:
         self.s_per_token = rate if self.s_per_token is None else (
             (1 - EWMA_WEIGHT) * self.s_per_token + EWMA_WEIGHT * rate)
 
-    def note_interactive(self, now: float) -> None:
+    def note_interactive(self, now: float, high: bool = False) -> None:
         self.interactive_until = now + self.window_s
+        if high:
+            self.high_until = now + self.window_s
 
     def budget(self, now: float) -> int:
         """Estimated tokens the next pass may hold (a pass always holds at least one unit)."""
         if now >= self.interactive_until or self.s_per_token is None:
             return self.max_batch_tokens
-        return max(1, min(self.max_batch_tokens, int(self.latency_pass_s / self.s_per_token)))
+        seconds = self.high_latency_pass_s if now < self.high_until else self.latency_pass_s
+        return max(1, min(self.max_batch_tokens, int(seconds / self.s_per_token)))
 
     def interactive(self, now: float) -> bool:
         return now < self.interactive_until
@@ -92,3 +99,33 @@ def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: i
         units.append(nxt)
         tokens += nxt.cost
         texts += nxt.n_texts
+
+
+def plan_bulk_window(queue: FairQueue[W], max_texts: int, max_tokens: int, window_passes: int) -> list[list[W]]:
+    """With no query around: the next ``window_passes`` passes' worth of bulk units of one priority,
+    sorted by length per text and cut into passes. Texts of similar length share a pass, so little
+    of it is padding (the sort the worker can do within one pass, done over several)."""
+    units: list[W] = []
+    texts = 0
+    while True:
+        nxt = queue.peek()
+        if (nxt is None or nxt.interactive or (units and nxt.priority != units[0].priority)
+                or (units and texts + nxt.n_texts > window_passes * max_texts)):
+            break
+        queue.pop()
+        units.append(nxt)
+        texts += nxt.n_texts
+    units.sort(key=lambda u: u.cost / max(1, u.n_texts))
+    passes: list[list[W]] = []
+    current: list[W] = []
+    n = tokens = 0
+    for u in units:
+        if current and (n + u.n_texts > max_texts or tokens + u.cost > max_tokens):
+            passes.append(current)
+            current, n, tokens = [], 0, 0
+        current.append(u)
+        n += u.n_texts
+        tokens += u.cost
+    if current:
+        passes.append(current)
+    return passes

@@ -53,6 +53,7 @@ class Request:
     worker: str | None = None   # wid of the worker it runs on (RUNNING)
     handed_at: float | None = None   # first hand-over (monotonic)
     last_handed: float | None = None
+    est_tokens: int = 0         # estimated tokens of its texts (set when its jobs are made)
     parts: list[bytes | None] | None = None   # a split request: its parts' answers as they arrive
     parts_left: int = 0
     part_tokens: int = 0        # tokens the parts' answers reported so far
@@ -93,6 +94,7 @@ class RequestTable:
         self._reply = reply
         self._events = events
         self.live: dict[int, Request] = {}
+        self.peer_tokens: dict[bytes, int] = {}   # estimated tokens of each client's live requests
         self._heap: list[tuple[float, int, Request]] = []
         self._seq = 0
 
@@ -108,6 +110,7 @@ class RequestTable:
 
     def add(self, req: Request) -> None:
         self.live[req.seq] = req
+        self.peer_tokens[req.peer] = self.peer_tokens.get(req.peer, 0) + req.est_tokens
         heapq.heappush(self._heap, (req.deadline, req.seq, req))
         if len(self._heap) > 2 * len(self.live) + 64:
             # answered entries leave the heap only from its top: behind one long-lived earlier deadline
@@ -127,7 +130,12 @@ class RequestTable:
             return False
         req.state = RState.ANSWERED
         req.parts = None
-        self.live.pop(req.seq, None)
+        if self.live.pop(req.seq, None) is not None:
+            left = self.peer_tokens.get(req.peer, 0) - req.est_tokens
+            if left > 0:
+                self.peer_tokens[req.peer] = left
+            else:
+                self.peer_tokens.pop(req.peer, None)
         self._reply(req.route, frame)
         now = time.monotonic()
         handed = req.handed_at

@@ -15,14 +15,16 @@ from typing import Iterable
 
 from akidb_embed.protocol.errors import EmbedError, Overloaded, PoisonInput, WorkerDied
 from akidb_embed.supervisor.config import BackendConfig
-from akidb_embed.supervisor.fairqueue import PRIORITY_CLASSES, FairQueue
+from akidb_embed.supervisor.fairqueue import HIGH, PRIORITY_CLASSES, FairQueue
 from akidb_embed.supervisor.jobs import Job, make_jobs
-from akidb_embed.supervisor.passes import PassSizer, compose_pass
+from akidb_embed.supervisor.passes import PassSizer, compose_pass, plan_bulk_window
 from akidb_embed.supervisor.process import WorkerProcess
 from akidb_embed.supervisor.quarantine import Quarantine
 from akidb_embed.supervisor.requests import Request, RequestTable
 
 log = logging.getLogger(__name__)
+
+BULK_WINDOW_PASSES = 4    # with no query around, bulk work is sorted by length over this many passes
 
 
 @dataclass(eq=False)
@@ -34,15 +36,17 @@ class _Pass:
 
 class Scheduler:
     """Jobs waiting for a worker in a :class:`FairQueue` (priority classes, fair share between
-    clients); each ready worker gets one pass of work at a time (two when no query is around), so a
-    newly arrived query waits behind one pass at most."""
+    clients); each ready worker gets one pass of work at a time, so a newly arrived query waits
+    behind one pass at most."""
 
     def __init__(self, cfg: BackendConfig, table: RequestTable, quarantine: Quarantine) -> None:
         self.cfg, self.table, self.quarantine = cfg, table, quarantine
         self.queue: FairQueue[Job] = FairQueue(quantum=cfg.fair_quantum_tokens)
-        self.sizer = PassSizer(cfg.max_batch_tokens, cfg.latency_pass_ms, cfg.interactive_window_s)
+        self.sizer = PassSizer(cfg.max_batch_tokens, cfg.latency_pass_ms, cfg.interactive_window_s,
+                               cfg.high_latency_pass_ms)
         self.default_priority = PRIORITY_CLASSES[cfg.default_priority]
         self.suspects: deque[Job] = deque()   # run one at a time, alone on a worker, to find a poison input
+        self.staged: deque[list[Job]] = deque()  # bulk passes planned ahead (sorted by length), not handed over yet
         self.passes: dict[str, deque[_Pass]] = {}   # wid -> passes handed over and not finished, oldest first
         self._queued: dict[int, Request] = {}  # requests with jobs in the queue (max_queue counts these)
         self._pass_end: dict[str, float] = {}  # wid -> when its last pass ended (monotonic)
@@ -59,10 +63,10 @@ class Scheduler:
             raise Overloaded(f"backend {self.cfg.name!r} has {len(self._queued)} requests waiting "
                              f"(max_queue = {self.cfg.max_queue}); retry later")
         cls = self.default_priority if priority is None else PRIORITY_CLASSES[priority]
-        jobs = make_jobs(req, self.cfg.part_tokens, cls, self.queue.peer_tokens(req.peer),
+        jobs = make_jobs(req, self.cfg.part_tokens, cls, self.table.peer_tokens.get(req.peer, 0),
                          self.cfg.interactive_tokens)
         if jobs[0].interactive:
-            self.sizer.note_interactive(time.monotonic())
+            self.sizer.note_interactive(time.monotonic(), high=cls == HIGH)
         for job in jobs:
             self.queue.push(job)
         self._queued[req.seq] = req
@@ -82,17 +86,41 @@ class Scheduler:
                     lane.isolating = True
                     self._hand(lane, [job], now, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
-        # idle workers first, then (with no query around) a second pass to each, so a worker is never
-        # handed work while another one has none
-        others = [w for w in ready if w is not lane and not w.isolating]
-        for held in range(1 if self.sizer.interactive(now) else 2):
-            for w in others:
-                if len(self.passes.get(w.wid, ())) == held and len(w.inflight) < self.cfg.max_inflight:
-                    jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
+        # one pass per worker: what waits stays here, where a newly arrived query can still go first
+        # (bulk passes are planned a few ahead, sorted by length, so holding them back costs no padding)
+        for w in ready:
+            if w is not lane and not w.isolating:
+                if not self.passes.get(w.wid) and len(w.inflight) < self.cfg.max_inflight:
+                    jobs = self._next_pass(now)
                     if not jobs:
                         return outbox
                     self._hand(w, jobs, now, outbox)
         return outbox
+
+    def _next_pass(self, now: float) -> list[Job]:
+        """Queries and higher priorities first; bulk work in length-sorted passes planned a few ahead
+        while no query is around; otherwise one pass sized for the queries' sake."""
+        if self.staged and self.sizer.interactive(now):
+            for jobs in reversed(self.staged):   # queries are around: planned passes are too long now
+                for job in reversed(jobs):
+                    self.queue.push_front(job)
+            self.staged.clear()
+        nxt = self.queue.peek()
+        while self.staged:
+            jobs = [j for j in self.staged[0] if j.alive()]
+            if not jobs:
+                self.staged.popleft()
+                continue
+            if nxt is not None and (nxt.interactive or nxt.priority < jobs[0].priority):
+                break
+            self.staged.popleft()
+            return jobs
+        if nxt is not None and not nxt.interactive and not self.sizer.interactive(now):
+            self.staged.extend(plan_bulk_window(self.queue, self.cfg.max_batch_size, self.cfg.max_batch_tokens,
+                                                BULK_WINDOW_PASSES))
+            if self.staged:
+                return self.staged.popleft()
+        return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
 
     def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
         for job in jobs:
@@ -130,7 +158,9 @@ class Scheduler:
         self._pass_end.pop(w.wid, None)
 
     def fail_waiting(self, err: EmbedError) -> None:
-        for job in self.queue.clear() + [j for j in self.suspects if j.alive()]:
+        staged = [j for jobs in self.staged for j in jobs if j.alive()]
+        self.staged.clear()
+        for job in self.queue.clear() + staged + [j for j in self.suspects if j.alive()]:
             if not job.probe:
                 self.table.fail(job.req, err)
         self.suspects.clear()
