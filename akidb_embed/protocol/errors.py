@@ -11,6 +11,8 @@ Exception tree (every class carries ``.code``, ``.retryable`` and a human messag
      ├── Overloaded            OVERLOADED           retryable
      ├── PoisonInput           POISON_INPUT         not retryable
      ├── ShuttingDown          SHUTTING_DOWN        retryable
+     ├── PayloadTooLarge       PAYLOAD_TOO_LARGE    not retryable
+     ├── Unauthorized          UNAUTHORIZED         not retryable
      └── InternalError         INTERNAL             not retryable
 
 On the wire an error is the map ``{"code": str, "message": str, "retryable": bool}``;
@@ -32,6 +34,8 @@ class ErrorCode(str, Enum):
     POISON_INPUT = "POISON_INPUT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNAUTHORIZED = "UNAUTHORIZED"
 
 
 class EmbedError(Exception):
@@ -94,11 +98,21 @@ class InternalError(EmbedError):
     code = ErrorCode.INTERNAL
 
 
+class PayloadTooLarge(EmbedError):
+    """A frame, a text or a request over a configured byte limit (the message names the limit)."""
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class Unauthorized(EmbedError):
+    """An operator command from a peer that is not an operator."""
+    code = ErrorCode.UNAUTHORIZED
+
+
 _BY_CODE: dict[str, type[EmbedError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownBackend, BackendUnavailable, Timeout, WorkerDied,
-        Overloaded, PoisonInput, ShuttingDown, InternalError,
+        Overloaded, PoisonInput, ShuttingDown, InternalError, PayloadTooLarge, Unauthorized,
     )
 }
 

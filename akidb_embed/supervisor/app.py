@@ -18,13 +18,15 @@ import zmq
 
 from akidb_embed import __version__
 from akidb_embed.protocol.errors import (
-    BadRequest, EmbedError, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
+    BadRequest, EmbedError, InternalError, Overloaded, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
 )
 from akidb_embed.protocol.messages import (
-    ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
-    ok_response, parse_header, parse_request, worker_header,
+    ControlRequest, EmbedRequest, PayloadTooLarge, QueryRequest, RequestError, WorkerMsg, clip, embed_job,
+    error_response, ok_response, parse_header, parse_request, worker_header,
 )
 from akidb_embed.supervisor.config import Config, ConfigError
+from akidb_embed.supervisor.logsafe import Throttled
+from akidb_embed.supervisor.peers import PeerLedger, split_envelope
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -55,6 +57,8 @@ class Supervisor:
         self.accepting = True
         self.started = time.monotonic()
         self._stop_requested = False
+        self.peers = PeerLedger(config.guard.peer_queue_share, config.guard.max_peer_bytes)  # issue 11
+        self._warn = Throttled(log)  # issue 11: rate-limited warnings about peers
 
     # ---- sockets ------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -62,7 +66,8 @@ class Supervisor:
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.front.setsockopt(zmq.RCVHWM, 100_000)
-        self.front.setsockopt(zmq.SNDHWM, 100_000)
+        self.front.setsockopt(zmq.SNDHWM, self.config.guard.answer_hwm)  # issue 11: then Again, not silence
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.config.endpoint
         try:
             if endpoint.startswith("ipc://"):
@@ -131,15 +136,24 @@ class Supervisor:
             for part in route:
                 self.front.send(part, zmq.SNDMORE | zmq.NOBLOCK)
             self.front.send(frame, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # client gone or its queue full: nothing else to do
+        except zmq.Again:  # issue 11 hook: its queue is full (answer_hwm): it does not read its answers
+            if self.peers.mark_stalled(route[0]):
+                self._warn.warning("stalled", "answers dropped: a client does not read them (answer_hwm = %d)",
+                                   self.config.guard.answer_hwm)
+        except zmq.ZMQError as exc:  # client gone: nothing else to do
             log.debug("reply dropped: %s", exc)
 
     def answer_error(self, p: Pending, err: EmbedError) -> None:
         if p.answered:
             return
+        self._answered(p)
+        self._reply(p.route, error_response(p.rid, err))
+
+    def _answered(self, p: Pending) -> None:
+        """The one place a request leaves the supervisor's books (issue 11 hook: the peer ledger)."""
         p.answered = True
         self.pending.pop(p.seq, None)
-        self._reply(p.route, error_response(p.rid, err))
+        self.peers.release(p.route[0], p)
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -218,25 +232,19 @@ class Supervisor:
 
     # ---- client side -----------------------------------------------------------------------------
     def _on_client_frames(self, frames: list[bytes]) -> None:
-        # DEALER clients send [identity, frame]; REQ clients add an empty delimiter.
-        if len(frames) == 3 and frames[1] == b"":
-            route, body = frames[:2], frames[2]
-        elif len(frames) == 2:
-            route, body = frames[:1], frames[1]
-        else:
-            # keep a REQ client's empty delimiter in the reply envelope, or its socket drops the answer
-            route = frames[:2] if len(frames) > 3 and frames[1] == b"" else frames[:1]
-            got = len(frames) - len(route)
-            log.warning("bad request: %d frames from a client (expected one)", got)
+        # DEALER clients send [identity, frame]; REQ clients add an empty delimiter (and REQ_CORRELATE an id)
+        route, body, got = split_envelope(frames)  # issue 11 hook: envelopes
+        if body is None:
+            self._warn.warning("frames", "bad request: %d frames from a client (expected one)", got)
             self._reply(route, error_response(None, BadRequest(
                 f"expected one msgpack frame per request, got {got}")))
             return
         req = None
         try:
-            req = parse_request(body)
+            req = parse_request(body, self.config.guard.limits)  # issue 11 hook: limits
             self._dispatch(route, body, req)
-        except RequestError as exc:
-            log.warning("bad request: %s", exc.message)
+        except (RequestError, PayloadTooLarge) as exc:  # issue 11 hook: clipped, rate-limited warning
+            self._warn.warning(exc.code.value, "bad request: %s", clip(exc.message, 300))
             self._reply(route, error_response(exc.request_id, exc))
         except EmbedError as exc:
             self._reply(route, error_response(getattr(req, "id", None), exc))
@@ -258,7 +266,11 @@ class Supervisor:
         name = req.backend or self.config.default_backend
         pool = self.pools.get(name)
         if pool is None:
-            raise UnknownBackend(f"no backend named {name!r}; configured: {', '.join(self.pools)}")
+            raise UnknownBackend(f"no backend named {clip(name)}; configured: {', '.join(self.pools)}")
+        if self.peers.stalled(route[0]):  # issue 11 hook: a peer that does not read gets no new work
+            raise Overloaded("answers to this connection are not being read (answer_hwm reached); read them")
+        # issue 11 hook: duplicate in-flight id, per-peer share of max_queue and bytes
+        self.peers.admit(route[0], req.id, name, pool.cfg.max_queue, len(body))
         reason = self.quarantine.check(req.texts)
         if reason:
             raise PoisonInput(reason)
@@ -269,6 +281,7 @@ class Supervisor:
                     deadline=time.time() + timeout)
         pool.submit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
         self.pending[p.seq] = p
+        self.peers.add(route[0], p)  # issue 11 hook: released in _answered
         self.deadlines.push(p)
         if len(self.deadlines) > 2 * len(self.pending) + 64:
             # answered entries leave the heap only from its top: behind one long-lived earlier deadline
@@ -324,8 +337,7 @@ class Supervisor:
             seq = header.get("seq")
             p = pool.on_done(w, seq, pump=False) if type(seq) is int else None
             if p is not None and not p.answered:
-                p.answered = True
-                self.pending.pop(p.seq, None)
+                self._answered(p)
                 self._reply(p.route, frames[i + 1])
         pool.pump()
 
@@ -383,7 +395,7 @@ class Supervisor:
     def _control(self, req: ControlRequest) -> dict[str, Any]:
         pool = self.pools.get(req.backend)
         if pool is None:
-            raise UnknownBackend(f"no backend named {req.backend!r}; configured: {', '.join(self.pools)}")
+            raise UnknownBackend(f"no backend named {clip(req.backend)}; configured: {', '.join(self.pools)}")
         log.info("operator %s: backend=%s", req.op, req.backend)
         {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
         return {"backend": req.backend, "state": pool.state.value}

@@ -12,7 +12,7 @@ import zmq
 
 from akidb_embed.protocol.errors import BackendUnavailable, EmbedError, InternalError, Timeout
 from akidb_embed.protocol.messages import (
-    EmbedRequest, WorkerMsg, done_msg, embed_response, error_response, parse_header, parse_request,
+    WORKER_LIMITS, EmbedRequest, WorkerMsg, done_msg, embed_response, error_response, parse_header, parse_request,
     worker_header,
 )
 from akidb_embed.workers.backends import Backend, ModelInfo, create_backend
@@ -114,7 +114,7 @@ class Worker:
                 return None
             if header["t"] != WorkerMsg.EMBED or len(frames) != 2:
                 raise ValueError(f"unexpected message {header.get('t')!r}")
-            request = parse_request(frames[1])
+            request = parse_request(frames[1], WORKER_LIMITS)  # issue 11: the supervisor applied the limits
             if not isinstance(request, EmbedRequest):
                 raise ValueError("job is not an embed request")
             return Job(seq=int(header["seq"]), deadline=float(header["deadline"]), request=request)
