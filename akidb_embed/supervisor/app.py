@@ -24,12 +24,13 @@ from akidb_embed.protocol.messages import (
     ControlRequest, EmbedRequest, PayloadTooLarge, QueryRequest, RequestError, WorkerMsg, clip, embed_job,
     error_response, ok_response, parse_header, parse_request, worker_header,
 )
-from akidb_embed.supervisor.config import Config, ConfigError
+from akidb_embed.supervisor.config import Config, ConfigError, default_endpoint
 from akidb_embed.supervisor.logsafe import Throttled
 from akidb_embed.supervisor.peers import PeerLedger, split_envelope
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
+from akidb_embed.supervisor.sockets import UnsafePath, prepare_ipc, private_umask
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,22 @@ class Supervisor:
         try:
             if endpoint.startswith("ipc://"):
                 path = Path(endpoint[len("ipc://"):])
-                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare_ipc(path, endpoint == default_endpoint())  # issue 11 hook: private directory
                 if path.exists():
                     # libzmq unlinks an existing ipc path on bind: check first, or we steal a live server's socket
                     if _ipc_in_use(path):
                         raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r} is in use by "
                                           "another running server")
                     path.unlink()  # a stale socket file left by a killed supervisor
-            self.front.bind(endpoint)
+            with private_umask():  # issue 11 hook: the socket file is 0600 whatever the umask
+                self.front.bind(endpoint)
+            if endpoint.startswith("ipc://") and self.config.guard.socket_mode:
+                os.chmod(endpoint[len("ipc://"):], self.config.guard.socket_mode)  # opened to a group on purpose
+        except UnsafePath as exc:  # issue 11 hook
+            self.front.close(0)
+            self.ctx.term()
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r}: {exc}") from exc
         except (ConfigError, zmq.ZMQError, OSError) as exc:
             self.front.close(0)
             self.ctx.term()
@@ -91,7 +100,8 @@ class Supervisor:
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.back.setsockopt(zmq.SNDHWM, 100_000)
-        self.back.bind(self.worker_endpoint)
+        with private_umask():
+            self.back.bind(self.worker_endpoint)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)

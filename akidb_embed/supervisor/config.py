@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from akidb_embed.supervisor.guard import GUARD_KEYS, Guard, parse_guard
+from akidb_embed.supervisor.sockets import default_socket_path
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 KINDS = ("mock", "onnx", "sentence-transformers", "mlx", "python-bridge", "torch")
@@ -36,8 +36,8 @@ class ConfigError(Exception):
 
 
 def default_endpoint() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return f"ipc://{Path(runtime) / 'akidb-embed.sock'}"
+    """ipc in this user's private run directory (issue 11: supervisor/sockets.py creates and checks it)."""
+    return f"ipc://{default_socket_path()}"
 
 
 @dataclass(frozen=True)
