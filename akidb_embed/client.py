@@ -15,7 +15,9 @@ import zmq.asyncio
 from akidb_embed.protocol.codec import blob_to_vectors
 from akidb_embed.protocol.errors import EmbedError, InternalError, Timeout, error_from_wire
 from akidb_embed.protocol.messages import parse_response, request_frame
+from akidb_embed.keys import KeyPair, KeySource, apply_client_keys
 from akidb_embed.supervisor.config import default_endpoint
+from akidb_embed.supervisor.sockets import admin_socket_path
 
 DEFAULT_WAIT_S = 120.0      # how long a call waits when it names no timeout (the server's deadline answers first)
 QUERY_WAIT_S = 10.0         # info / health / status / control
@@ -43,6 +45,17 @@ def _embed_fields(texts: Sequence[str], backend: str | None, normalize: bool, ti
             "timeout_ms": max(1, int(timeout * 1000)) if timeout else None}
 
 
+def admin_endpoint(endpoint: str) -> str | None:
+    """The private admin socket of the server at ``endpoint``, if this user can see it (its owner)."""
+    path = admin_socket_path(endpoint)
+    return f"ipc://{path}" if path.exists() else None
+
+
+def _no_answer_hint(curve: bool) -> str:
+    return ("(is `akidb-embed serve` running there, with this client's public key in its curve_clients, "
+            "and is server_key its public key?)" if curve else "(is `akidb-embed serve` running there?)")
+
+
 def _result(msg: dict[str, Any]) -> Any:
     if not msg.get("ok"):
         raise error_from_wire(msg.get("error"))
@@ -57,12 +70,14 @@ def _to_embed_result(msg: dict[str, Any]) -> EmbedResult:
 class Client:
     """Blocking client. One request at a time per instance; not thread-safe (use one per thread)."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._curve = apply_client_keys(self._sock, server_key, client_key)  # issue 11: CURVE on tcp
         self._sock.connect(self.endpoint)
 
     def __enter__(self) -> "Client":
@@ -83,7 +98,7 @@ class Client:
             left = end - time.monotonic()
             if left <= 0:
                 raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
-                              "(is `akidb-embed serve` running there?)")
+                              f"{_no_answer_hint(self._curve)}")
             if not self._sock.poll(min(left, MAX_POLL_S) * 1000):  # zmq_poll takes an int of milliseconds
                 continue
             msg = parse_response(self._sock.recv())
@@ -111,26 +126,35 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self._call("status", QUERY_WAIT_S)
 
+    def _operator(self, op: str, backend: str) -> dict[str, Any]:
+        admin = admin_endpoint(self.endpoint)   # issue 11: the owner's private admin socket, when it exists
+        if admin is None:
+            return self._call(op, QUERY_WAIT_S, backend=backend)
+        with Client(admin) as c:
+            return c._call(op, QUERY_WAIT_S, backend=backend)
+
     def restart(self, backend: str) -> dict[str, Any]:
-        return self._call("restart", QUERY_WAIT_S, backend=backend)
+        return self._operator("restart", backend)
 
     def stop(self, backend: str) -> dict[str, Any]:
-        return self._call("stop", QUERY_WAIT_S, backend=backend)
+        return self._operator("stop", backend)
 
     def start(self, backend: str) -> dict[str, Any]:
-        return self._call("start", QUERY_WAIT_S, backend=backend)
+        return self._operator("start", backend)
 
 
 class AsyncClient:
     """asyncio client: any number of concurrent calls share one socket; answers are matched by id."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._curve = apply_client_keys(self._sock, server_key, client_key)  # issue 11: CURVE on tcp
         self._sock.connect(self.endpoint)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -177,7 +201,7 @@ class AsyncClient:
             msg = await asyncio.wait_for(fut, wait_s)
         except asyncio.TimeoutError as exc:
             raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
-                          "(is `akidb-embed serve` running there?)") from exc
+                          f"{_no_answer_hint(self._curve)}") from exc
         finally:
             self._waiting.pop(rid, None)
         return _result(msg)
@@ -202,14 +226,21 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         return await self._call("status", QUERY_WAIT_S)
 
+    async def _operator(self, op: str, backend: str) -> dict[str, Any]:
+        admin = admin_endpoint(self.endpoint)   # issue 11: the owner's private admin socket, when it exists
+        if admin is None:
+            return await self._call(op, QUERY_WAIT_S, backend=backend)
+        async with AsyncClient(admin) as c:
+            return await c._call(op, QUERY_WAIT_S, backend=backend)
+
     async def restart(self, backend: str) -> dict[str, Any]:
-        return await self._call("restart", QUERY_WAIT_S, backend=backend)
+        return await self._operator("restart", backend)
 
     async def stop(self, backend: str) -> dict[str, Any]:
-        return await self._call("stop", QUERY_WAIT_S, backend=backend)
+        return await self._operator("stop", backend)
 
     async def start(self, backend: str) -> dict[str, Any]:
-        return await self._call("start", QUERY_WAIT_S, backend=backend)
+        return await self._operator("start", backend)
 
 
-__all__ = ["AsyncClient", "Client", "EmbedError", "EmbedResult"]
+__all__ = ["AsyncClient", "Client", "EmbedError", "EmbedResult", "KeyPair"]

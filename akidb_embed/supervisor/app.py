@@ -30,7 +30,11 @@ from akidb_embed.supervisor.peers import PeerLedger, split_envelope
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
-from akidb_embed.supervisor.sockets import UnsafePath, prepare_ipc, private_umask
+from akidb_embed.supervisor.auth import AuthError, Curve, check_exposure, user_id
+from akidb_embed.supervisor.operators import OperatorGate
+from akidb_embed.supervisor.sockets import (
+    UnsafePath, admin_socket_path, ensure_private_dir, prepare_ipc, private_umask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ class Supervisor:
         self._stop_requested = False
         self.peers = PeerLedger(config.guard.peer_queue_share, config.guard.max_peer_bytes)  # issue 11
         self._warn = Throttled(log)  # issue 11: rate-limited warnings about peers
+        self.gate = OperatorGate()   # issue 11: operator commands
+        self.curve: Curve | None = None
 
     # ---- sockets ------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -71,6 +77,10 @@ class Supervisor:
         self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.config.endpoint
         try:
+            check_exposure(endpoint, self.config.guard)   # issue 11 hook: tcp beyond loopback needs CURVE
+            if self.config.guard.curve_secret_key:        # issue 11 hook: ZAP handler started before bind
+                self.curve = Curve(self.ctx, self.config.guard)
+                self.curve.secure(self.front)
             if endpoint.startswith("ipc://"):
                 path = Path(endpoint[len("ipc://"):])
                 prepare_ipc(path, endpoint == default_endpoint())  # issue 11 hook: private directory
@@ -84,13 +94,17 @@ class Supervisor:
                 self.front.bind(endpoint)
             if endpoint.startswith("ipc://") and self.config.guard.socket_mode:
                 os.chmod(endpoint[len("ipc://"):], self.config.guard.socket_mode)  # opened to a group on purpose
-        except UnsafePath as exc:  # issue 11 hook
+        except (UnsafePath, AuthError) as exc:  # issue 11 hook
             self.front.close(0)
+            if self.curve is not None:
+                self.curve.stop()
             self.ctx.term()
             shutil.rmtree(self._rundir, ignore_errors=True)
             raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r}: {exc}") from exc
         except (ConfigError, zmq.ZMQError, OSError) as exc:
             self.front.close(0)
+            if self.curve is not None:
+                self.curve.stop()
             self.ctx.term()
             shutil.rmtree(self._rundir, ignore_errors=True)
             if isinstance(exc, ConfigError):
@@ -106,8 +120,22 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self.front, zmq.POLLIN)
+        self._bind_admin()   # issue 11 hook
+        self.poller.register(self.admin, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def _bind_admin(self) -> None:
+        """issue 11: the operator socket, in the private run directory (only its owner can open it)."""
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.setsockopt(zmq.MAXMSGSIZE, 2**20)
+        self._admin_path = admin_socket_path(self.config.endpoint)
+        ensure_private_dir(self._admin_path.parent)
+        if self._admin_path.exists() and not _ipc_in_use(self._admin_path):
+            self._admin_path.unlink()
+        with private_umask():
+            self.admin.bind(f"ipc://{self._admin_path}")
 
     def watch(self, w: WorkerProcess) -> None:
         fd = w.lifeline_fd()
@@ -221,7 +249,12 @@ class Supervisor:
         if self.back in events:
             self._drain_socket(self.back, self._on_worker_frames)
         if self.front in events:
-            self._drain_socket(self.front, self._on_client_frames)
+            if self.curve is None:
+                self._drain_socket(self.front, self._on_client_frames)
+            else:  # issue 11 hook: frames carry the ZAP User-Id
+                self._drain_socket(self.front, self._on_curve_frames, copy=False)
+        if self.admin in events:  # issue 11 hook
+            self._drain_socket(self.admin, self._on_admin_frames, limit=100)
         for fd in [fd for fd in events if isinstance(fd, int)]:
             if fd == self._wake_r.fileno():
                 try:
@@ -233,15 +266,44 @@ class Supervisor:
                 self._on_worker_exit(w)
 
     @staticmethod
-    def _drain_socket(sock: zmq.Socket, handler: Any, limit: int = 1000) -> None:
+    def _drain_socket(sock: zmq.Socket, handler: Any, limit: int = 1000, copy: bool = True) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
             if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
-            handler(sock.recv_multipart(zmq.NOBLOCK))
+            handler(sock.recv_multipart(zmq.NOBLOCK, copy=copy))
 
     # ---- client side -----------------------------------------------------------------------------
-    def _on_client_frames(self, frames: list[bytes]) -> None:
+    def _on_curve_frames(self, parts: list[Any]) -> None:
+        """issue 11 hook: a CURVE peer is an operator when its key (the ZAP User-Id) is in curve_admins."""
+        assert self.curve is not None
+        self._on_client_frames([p.bytes for p in parts], self.curve.ring.is_admin(user_id(parts[-1])))
+
+    def _on_admin_frames(self, frames: list[bytes]) -> None:
+        """issue 11 hook: the private admin socket (owner only): queries and operator commands, no embed."""
+        route, body, _ = split_envelope(frames)
+        rid = None
+        try:
+            if body is None:
+                raise BadRequest("expected one msgpack frame per request")
+            req = parse_request(body, self.config.guard.limits)
+            rid = req.id
+            if isinstance(req, EmbedRequest):
+                raise RequestError("the admin socket takes info, health, status, restart, stop and start; "
+                                   "send embed requests to the server endpoint", req.id)
+            answer = (ok_response(req.id, **self._control(req, operator=True)) if isinstance(req, ControlRequest)
+                      else ok_response(req.id, **getattr(self, f"_op_{req.op}")()))
+        except EmbedError as exc:
+            answer = error_response(getattr(exc, "request_id", rid), exc)
+        except Exception as exc:  # a bug must cost one request, never the supervisor
+            log.exception("internal error while handling an admin request")
+            answer = error_response(rid, InternalError(f"{type(exc).__name__}: {exc}"))
+        try:
+            self.admin.send_multipart([*route, answer], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_client_frames(self, frames: list[bytes], operator: bool = False) -> None:
         # DEALER clients send [identity, frame]; REQ clients add an empty delimiter (and REQ_CORRELATE an id)
         route, body, got = split_envelope(frames)  # issue 11 hook: envelopes
         if body is None:
@@ -252,7 +314,7 @@ class Supervisor:
         req = None
         try:
             req = parse_request(body, self.config.guard.limits)  # issue 11 hook: limits
-            self._dispatch(route, body, req)
+            self._dispatch(route, body, req, operator)
         except (RequestError, PayloadTooLarge) as exc:  # issue 11 hook: clipped, rate-limited warning
             self._warn.warning(exc.code.value, "bad request: %s", clip(exc.message, 300))
             self._reply(route, error_response(exc.request_id, exc))
@@ -262,13 +324,13 @@ class Supervisor:
             log.exception("internal error while handling a request")
             self._reply(route, error_response(None, InternalError(f"{type(exc).__name__}: {exc}")))
 
-    def _dispatch(self, route: list[bytes], body: bytes, req: Any) -> None:
+    def _dispatch(self, route: list[bytes], body: bytes, req: Any, operator: bool = False) -> None:
         if isinstance(req, EmbedRequest):
             self._submit(route, body, req)
         elif isinstance(req, QueryRequest):
             self._reply(route, ok_response(req.id, **getattr(self, f"_op_{req.op}")()))
         elif isinstance(req, ControlRequest):
-            self._reply(route, ok_response(req.id, **self._control(req)))
+            self._reply(route, ok_response(req.id, **self._control(req, operator)))
 
     def _submit(self, route: list[bytes], body: bytes, req: EmbedRequest) -> None:
         if not self.accepting:
@@ -402,12 +464,14 @@ class Supervisor:
                                "quarantined": len(self.quarantine), "endpoint": self.config.endpoint},
                 "backends": {name: pool.status() for name, pool in self.pools.items()}}
 
-    def _control(self, req: ControlRequest) -> dict[str, Any]:
+    def _control(self, req: ControlRequest, operator: bool = False) -> dict[str, Any]:
         pool = self.pools.get(req.backend)
         if pool is None:
             raise UnknownBackend(f"no backend named {clip(req.backend)}; configured: {', '.join(self.pools)}")
-        log.info("operator %s: backend=%s", req.op, req.backend)
-        {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
+        # issue 11 hook: UNAUTHORIZED unless an operator; coalesced; at most replicas + 1 processes
+        if self.gate.check(req.op, req.backend, pool, operator):
+            log.info("operator %s: backend=%s", req.op, req.backend)
+            {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
         return {"backend": req.backend, "state": pool.state.value}
 
     # ---- shutdown ----------------------------------------------------------------------------------
@@ -451,6 +515,10 @@ class Supervisor:
     def _close(self) -> None:
         self.front.close(0)
         self.back.close(0)
+        self.admin.close(0)  # issue 11 hook
+        self._admin_path.unlink(missing_ok=True)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()

@@ -23,13 +23,12 @@ class Guard:
     curve_secret_key: str | None = None    # the server's key pair (secret file of `akidb-embed keys generate`)
     curve_clients: str | None = None       # directory of allowed client public keys
     curve_admins: str | None = None        # directory of operator public keys (tcp)
-    admin_endpoint: str | None = None      # where operator commands are obeyed (ipc default: beside the socket)
     socket_mode: int | None = None         # e.g. 0o660 to open the client socket to a group (ipc)
 
 
 INT_KEYS = {"max_frame_bytes", "max_texts_per_request", "max_text_bytes", "max_peer_bytes", "answer_hwm"}
 PATH_KEYS = {"curve_secret_key", "curve_clients", "curve_admins"}
-GUARD_KEYS = INT_KEYS | PATH_KEYS | {"peer_queue_share", "socket_mode", "admin_endpoint"}
+GUARD_KEYS = INT_KEYS | PATH_KEYS | {"peer_queue_share", "socket_mode"}
 
 
 def _positive_int(src: str, key: str, value: Any, ceiling: int | None = None) -> int:
@@ -61,9 +60,6 @@ def parse_guard(src: str, server: Mapping[str, Any], base: Path | None = None) -
         if type(mode) is not int or mode & ~0o770 or not mode & 0o600 == 0o600:
             raise ValueError(f"{src}: server.socket_mode must be an octal string like \"660\" (owner rw, group "
                              f"at most rw, nothing for others), got {server['socket_mode']!r}")
-    admin = server.get("admin_endpoint")
-    if admin is not None and (not isinstance(admin, str) or not admin.startswith(("ipc://", "tcp://"))):
-        raise ValueError(f"{src}: server.admin_endpoint must be ipc://PATH or tcp://HOST:PORT, got {admin!r}")
-    return Guard(limits=limits, peer_queue_share=float(share),
-                 **{k: v for k, v in ints.items() if k in ("max_peer_bytes", "answer_hwm")},
-                 **paths, admin_endpoint=admin, socket_mode=mode)
+    extra: dict[str, Any] = {k: v for k, v in ints.items() if k in ("max_peer_bytes", "answer_hwm")}
+    extra.update(paths)
+    return Guard(limits=limits, peer_queue_share=float(share), socket_mode=mode, **extra)

@@ -44,7 +44,11 @@ def default_socket_path() -> Path:
 def admin_socket_path(endpoint: str) -> Path:
     """The operator socket of the server at ``endpoint``: in the private run directory, so only its owner
     can open it; named after the endpoint so several servers of one user do not collide."""
-    digest = hashlib.blake2b(endpoint.encode(), digest_size=6).hexdigest()
+    if endpoint.startswith("tcp://"):   # any host spelling of one port is the same server
+        key = "tcp:" + endpoint.rsplit(":", 1)[-1]
+    else:
+        key = os.path.abspath(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
+    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
     return run_dir() / f"admin-{digest}.sock"
 
 
