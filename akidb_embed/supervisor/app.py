@@ -65,6 +65,8 @@ class Supervisor:
         self.peers = PeerLedger(config.guard.peer_queue_share, config.guard.max_peer_bytes)  # issue 11
         self._warn = Throttled(log)  # issue 11: rate-limited warnings about peers
         self.gate = OperatorGate()   # issue 11: operator commands
+        self._by_identity: dict[bytes, WorkerProcess] = {}   # issue 11: secret worker identities
+        self._gone_identities: set[bytes] = set()            # recently gone: their late messages are expected
         self.curve: Curve | None = None
 
     # ---- sockets ------------------------------------------------------------------------------
@@ -141,6 +143,7 @@ class Supervisor:
         fd = w.lifeline_fd()
         self._by_fd[fd] = w
         self._wid_pool[w.wid] = self.pools[w.cfg.name]
+        self._by_identity[w.identity] = w   # issue 11 hook: the only peers whose messages count
         self.poller.register(fd, zmq.POLLIN)
 
     def unwatch(self, w: WorkerProcess) -> None:
@@ -150,6 +153,10 @@ class Supervisor:
             self.poller.unregister(fd)
             w.close_lifeline()
         self._wid_pool.pop(w.wid, None)
+        self._by_identity.pop(w.identity, None)
+        if len(self._gone_identities) > 1000:
+            self._gone_identities.clear()
+        self._gone_identities.update((w.identity, w.identity + b"/hb"))
 
     def send_jobs(self, w: WorkerProcess, jobs: list[Pending]) -> None:
         """All jobs for one worker as one message: [wid, header1, frame1, header2, frame2, ...].
@@ -159,7 +166,7 @@ class Supervisor:
         Plain sends: pyzmq's send_multipart costs ~5x more per part.
         """
         back = self.back
-        back.send(w.wid.encode(), zmq.SNDMORE)
+        back.send(w.identity, zmq.SNDMORE)  # issue 11 hook: route by the secret identity
         last = len(jobs) - 1
         for i, p in enumerate(jobs):
             header, frame = embed_job(p.seq, p.deadline, p.frame)
@@ -167,7 +174,7 @@ class Supervisor:
             back.send(frame, zmq.SNDMORE if i < last else 0)
 
     def send_stop(self, w: WorkerProcess) -> None:
-        self.back.send_multipart([w.wid.encode(), worker_header(WorkerMsg.STOP)])
+        self.back.send_multipart([w.identity, worker_header(WorkerMsg.STOP)])
 
     def _reply(self, route: list[bytes], frame: bytes) -> None:
         try:
@@ -373,17 +380,22 @@ class Supervisor:
 
     # ---- worker side -----------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[bytes]) -> None:
-        ident = frames[0].decode(errors="replace")
+        # issue 11 hook: a worker is known by its secret identity only; anything else is dropped, logged once
+        w = self._by_identity.get(frames[0][:-3] if frames[0].endswith(b"/hb") else frames[0])
+        if w is None or len(frames) < 2:
+            if frames[0] not in self._gone_identities:
+                self._warn.warning("worker channel", "message from an unknown peer on the worker channel dropped "
+                                   "(identity %s)", clip(frames[0][:64]))
+            return
+        ident = w.wid
+        pool = self.pools[w.cfg.name]
         try:
             header = parse_header(frames[1])
         except Exception:
             log.error("malformed frame from worker %s dropped", ident)
             return
         kind = header.get("t")
-        wid = ident[:-3] if ident.endswith("/hb") else ident
-        pool = self._wid_pool.get(wid)
-        w = pool.workers.get(wid) if pool else None
-        if w is None:
+        if pool.workers.get(w.wid) is not w:
             return  # a message from a worker already gone
         w.last_heartbeat = time.monotonic()
         try:

@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 
 from akidb_embed.supervisor.config import BackendConfig
+from akidb_embed.workers.channel_id import new_identity, send_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class WorkerProcess:
         self.recycle_reason: str | None = None  # why it is being replaced gracefully, when it is
         self.stop_stage_at: float | None = None
         self._ps: psutil.Process | None = None
+        self.identity = new_identity()          # issue 11: its ZeroMQ identity, a secret sent through the lifeline
 
     def command(self) -> list[str]:
         c, p = self.cfg, self.cfg.policy
@@ -81,6 +83,7 @@ class WorkerProcess:
         finally:
             child_end.close()
         self.lifeline = parent_end
+        send_identity(parent_end, self.identity)  # issue 11 hook: before anything else on the lifeline
         self.started_at = self.last_heartbeat = time.monotonic()
         try:
             self._ps = psutil.Process(self.proc.pid)

@@ -33,6 +33,7 @@ class WorkerSettings:
     heartbeat_s: float = 0.5
     max_batch_size: int = 16
     max_batch_tokens: int = 4096
+    identity: bytes | None = None     # issue 11: ZeroMQ identity from the lifeline (else the wid)
 
 
 @dataclass
@@ -50,10 +51,11 @@ class Worker:
         self.s = settings
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, settings.wid.encode())
+        identity = settings.identity or settings.wid.encode()  # issue 11 hook
+        self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(settings.endpoint)
-        self.heartbeat = Heartbeat(self.ctx, settings.endpoint, settings.wid, settings.heartbeat_s)
+        self.heartbeat = Heartbeat(self.ctx, settings.endpoint, settings.wid, settings.heartbeat_s, identity)
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None
         self.stopping = False
