@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TypeAlias
 
 import zmq
 import zmq.auth
@@ -24,7 +24,7 @@ class KeyPair:
     secret: bytes | None   # Z85, 40 bytes; None for a public key only
 
 
-KeySource = Union[str, os.PathLike, bytes, KeyPair]
+KeySource: TypeAlias = "str | os.PathLike[str] | bytes | KeyPair"
 
 
 def generate(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:

@@ -70,7 +70,7 @@ def peek_field(frame: bytes, name: str, peek_bytes: int = 4096, max_pairs: int =
             if unpacker.unpack() == name:
                 return unpacker.unpack()
             unpacker.skip()
-    except Exception:  # out of data, not a map, a container where a scalar was expected: not found
+    except Exception:  # noqa: BLE001  out of data, not a map, a container where a scalar was expected
         return None
     return None
 

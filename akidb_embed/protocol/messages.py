@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from akidb_embed.protocol.codec import DTYPES, TooLarge, pack, peek_field, unpack, unpack_bounded, vectors_to_blob
+from akidb_embed.protocol.codec import (
+    DTYPES,
+    TooLarge,
+    pack,
+    peek_field,
+    unpack,
+    unpack_bounded,
+    vectors_to_blob,
+)
 from akidb_embed.protocol.errors import BadRequest, EmbedError
 from akidb_embed.protocol.errors import PayloadTooLarge as _PayloadTooLarge
 

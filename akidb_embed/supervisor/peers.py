@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from akidb_embed.protocol.errors import BadRequest, Overloaded
+from akidb_embed.supervisor.pending import Pending
 
 MAX_ENVELOPE_FRAMES = 8      # routing frames before the body (REQ through proxies, REQ_CORRELATE)
 MAX_ENVELOPE_PART = 256      # bytes of one routing frame
@@ -44,7 +45,7 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], bytes | None, int]
 
 @dataclass
 class Peer:
-    inflight: dict[Any, Any] = field(default_factory=dict)   # request id -> Pending
+    inflight: dict[Any, Pending] = field(default_factory=dict)   # request id -> Pending
     per_backend: dict[str, int] = field(default_factory=dict)
     frame_bytes: int = 0
     stalled_at: float | None = None
@@ -74,13 +75,13 @@ class PeerLedger:
             raise Overloaded(f"this connection already has {peer.frame_bytes} bytes of requests unanswered "
                              f"(max_peer_bytes = {self.max_peer_bytes}); retry when some are answered")
 
-    def add(self, identity: bytes, p: Any) -> None:
+    def add(self, identity: bytes, p: Pending) -> None:
         peer = self.peers.setdefault(identity, Peer())
         peer.inflight[p.rid] = p
         peer.per_backend[p.backend] = peer.per_backend.get(p.backend, 0) + 1
         peer.frame_bytes += len(p.frame)
 
-    def release(self, identity: bytes, p: Any) -> None:
+    def release(self, identity: bytes, p: Pending) -> None:
         peer = self.peers.get(identity)
         if peer is None or peer.inflight.get(p.rid) is not p:
             return
