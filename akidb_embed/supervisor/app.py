@@ -349,7 +349,8 @@ class Supervisor:
         if self.peers.stalled(route[0]):  # issue 11 hook: a peer that does not read gets no new work
             raise Overloaded("answers to this connection are not being read (answer_hwm reached); read them")
         # issue 11 hook: duplicate in-flight id, per-peer share of max_queue and bytes
-        self.peers.admit(route[0], req.id, name, pool.cfg.max_queue, len(body))
+        self.peers.admit(route[0], req.id, name, pool.cfg.max_queue, len(body),
+                         pool.cfg.max_inflight * pool.cfg.replicas)
         reason = self.quarantine.check(req.texts)
         if reason:
             raise PoisonInput(reason)

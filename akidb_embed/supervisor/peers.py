@@ -59,18 +59,24 @@ class PeerLedger:
         self.peers: dict[bytes, Peer] = {}
         self._stalled: dict[bytes, float] = {}
 
-    def admit(self, identity: bytes, rid: Any, backend: str, max_queue: int, frame_bytes: int) -> None:
-        """Raise when this peer may not add a request now (before anything is recorded)."""
+    def admit(self, identity: bytes, rid: Any, backend: str, max_queue: int, frame_bytes: int,
+              workers_hold: int = 0) -> None:
+        """Raise when this peer may not add a request now (before anything is recorded).
+
+        A peer may have ``share * max_queue`` requests waiting plus ``workers_hold`` (what the backend's
+        workers can hold at once) in a worker: its share of the queue, whatever the workers are doing.
+        """
         peer = self.peers.get(identity)
         if peer is None:
             return
         if rid in peer.inflight:
             raise BadRequest(f"id {rid!r} is already in flight on this connection; ids must be unique among "
                              "a connection's unanswered requests")
-        cap = max(1, int(max_queue * self.share))
+        cap = max(1, int(max_queue * self.share)) + workers_hold
         if peer.per_backend.get(backend, 0) >= cap:
-            raise Overloaded(f"this connection already has {cap} requests waiting for backend {backend!r} "
-                             f"(its share of max_queue = {max_queue}); retry when some are answered")
+            raise Overloaded(f"this connection already has {cap} requests unanswered for backend {backend!r} "
+                             f"(its share of max_queue = {max_queue}, plus what the workers hold); retry when "
+                             "some are answered")
         if peer.frame_bytes + frame_bytes > self.max_peer_bytes:
             raise Overloaded(f"this connection already has {peer.frame_bytes} bytes of requests unanswered "
                              f"(max_peer_bytes = {self.max_peer_bytes}); retry when some are answered")
