@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from akidb_embed.protocol.errors import EmbedError, Timeout
 from akidb_embed.protocol.messages import assemble_embed_parts, error_response
@@ -29,6 +29,13 @@ from akidb_embed.supervisor.events import Events, RequestAnswered
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[bytes], bytes], None]
+
+
+class PeerBook(Protocol):
+    """Per-peer accounting kept in step with the table (supervisor/peers.py): every request the table
+    records is added, and released at the one answer point."""
+    def add(self, req: "Request") -> None: ...
+    def release(self, req: "Request") -> None: ...
 
 
 class RState(str, Enum):
@@ -89,9 +96,10 @@ class Request:
 class RequestTable:
     """Owns every request from arrival to answer; the deadlines; the answer point."""
 
-    def __init__(self, reply: Reply, events: Events) -> None:
+    def __init__(self, reply: Reply, events: Events, peers: PeerBook | None = None) -> None:
         self._reply = reply
         self._events = events
+        self._peers = peers
         self.live: dict[int, Request] = {}
         self._heap: list[tuple[float, int, Request]] = []
         self._seq = 0
@@ -108,6 +116,8 @@ class RequestTable:
 
     def add(self, req: Request) -> None:
         self.live[req.seq] = req
+        if self._peers is not None:
+            self._peers.add(req)
         heapq.heappush(self._heap, (req.deadline, req.seq, req))
         if len(self._heap) > 2 * len(self.live) + 64:
             # answered entries leave the heap only from its top: behind one long-lived earlier deadline
@@ -128,6 +138,8 @@ class RequestTable:
         req.state = RState.ANSWERED
         req.parts = None
         self.live.pop(req.seq, None)
+        if self._peers is not None:
+            self._peers.release(req)
         self._reply(req.route, frame)
         now = time.monotonic()
         handed = req.handed_at
