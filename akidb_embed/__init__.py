@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from akidb_embed.protocol.errors import (  # noqa: E402
     BackendUnavailable, BadRequest, EmbedError, ErrorCode, InputTooLong, InternalError, Overloaded, PoisonInput,
-    ServerUnavailable, ShuttingDown, Timeout, UnknownBackend, WorkerDied,
+    PayloadTooLarge, ServerUnavailable, ShuttingDown, Timeout, UnknownBackend, Unauthorized, WorkerDied,
 )
 
 _CLIENT_NAMES = ("AsyncClient", "Client", "EmbedResult")
@@ -23,6 +23,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncClient", "BackendUnavailable", "BadRequest", "Client", "EmbedError", "EmbedResult", "ErrorCode",
-    "InputTooLong", "InternalError", "Overloaded", "PoisonInput", "ServerUnavailable", "ShuttingDown", "Timeout",
-    "UnknownBackend", "WorkerDied", "__version__",
+    "InputTooLong", "InternalError", "Overloaded", "PayloadTooLarge", "PoisonInput", "ServerUnavailable",
+    "ShuttingDown", "Timeout", "Unauthorized", "UnknownBackend", "WorkerDied", "__version__",
 ]

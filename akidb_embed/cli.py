@@ -34,7 +34,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from akidb_embed.client import Client
-    return Client(args.endpoint)
+    try:  # issue 11: CURVE keys (else $AKIDB_EMBED_SERVER_KEY / $AKIDB_EMBED_CLIENT_KEY)
+        return Client(args.endpoint, server_key=args.server_key, client_key=args.client_key)
+    except ValueError as exc:
+        raise SystemExit(f"akidb-embed: {exc}") from exc
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """issue 11: `akidb-embed keys generate NAME` -> NAME.key (public) and NAME.key_secret (0600)."""
+    from akidb_embed.keys import generate
+    try:
+        public, secret = generate(args.dir, args.name)
+    except FileExistsError as exc:
+        print(f"akidb-embed: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}  (give it to the other side: a server's curve_clients/curve_admins directory, "
+          f"or a client's --server-key)\nsecret key: {secret}  (mode 0600; keep it: curve_secret_key or "
+          "--client-key)")
+    return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -120,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts = argparse.ArgumentParser(add_help=False)
     client_opts.add_argument("--endpoint", help="server endpoint (default: $AKIDB_EMBED_ENDPOINT, else the "
                              "default ipc path)")
+    client_opts.add_argument("--server-key", help="CURVE: the server's public key file (.key) or Z85 text "
+                             "(default: $AKIDB_EMBED_SERVER_KEY)")
+    client_opts.add_argument("--client-key", help="CURVE: this client's key pair (.key_secret file; default: "
+                             "$AKIDB_EMBED_CLIENT_KEY)")
 
     p = sub.add_parser("serve", help="run the supervisor in the foreground")
     p.add_argument("--config", help="config.toml (default: embedded default: all-MiniLM-L6-v2 on onnx)")
@@ -153,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(op, parents=[client_opts], help=text)
         p.add_argument("backend")
         p.set_defaults(func=_control(op))
+    p = sub.add_parser("keys", help="CURVE key pairs for tcp (see README, Security)")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    g = keys_sub.add_parser("generate", help="write NAME.key and NAME.key_secret")
+    g.add_argument("name")
+    g.add_argument("--dir", default=".", help="where to write them (default: the current directory)")
+    g.set_defaults(func=cmd_keys)
     _add_optional(sub)
     return parser
 

@@ -20,10 +20,11 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from akidb_embed.keys import KeyPair, KeySource, apply_client_keys
 from akidb_embed.protocol.codec import blob_to_vectors
+from akidb_embed.protocol.endpoint import admin_socket_path, default_endpoint
 from akidb_embed.protocol.errors import EmbedError, InternalError, ServerUnavailable, Timeout, error_from_wire
 from akidb_embed.protocol.messages import parse_response, request_frame
-from akidb_embed.protocol.endpoint import default_endpoint
 
 DEFAULT_WAIT_S = 120.0      # how long a call waits when it names no timeout (the server's deadline answers first)
 QUERY_WAIT_S = 10.0         # info / health / status / control
@@ -85,6 +86,17 @@ def _options(priority: str | None, prompt_name: str | None, prompt: str | None, 
             "truncate": truncate}
 
 
+def admin_endpoint(endpoint: str) -> str | None:
+    """The private admin socket of the server at ``endpoint``, if this user can see it (its owner)."""
+    path = admin_socket_path(endpoint)
+    return f"ipc://{path}" if path.exists() else None
+
+
+def _no_answer_hint(curve: bool) -> str:
+    return ("(is `akidb-embed serve` running there, with this client's public key in its curve_clients, "
+            "and is server_key its public key?)" if curve else "(is `akidb-embed serve` running there?)")
+
+
 def _result(msg: dict[str, Any]) -> dict[str, Any]:
     if not msg.get("ok"):
         raise error_from_wire(msg.get("error"))
@@ -102,12 +114,14 @@ def _to_embed_result(msg: dict[str, Any]) -> EmbedResult:
 class Client:
     """Blocking client. One request at a time per instance; not thread-safe (use one per thread)."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         _configure(self._sock)
+        self._curve = apply_client_keys(self._sock, server_key, client_key)  # issue 11: CURVE on tcp
         self._monitor: zmq.Socket[bytes] = self._sock.get_monitor_socket(MONITORED)
         self._poller = zmq.Poller()        # only the data socket: the fast path polls one socket
         self._poller.register(self._sock, zmq.POLLIN)
@@ -155,7 +169,8 @@ class Client:
         while True:
             left = end - time.monotonic()
             if left <= 0:
-                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s")
+                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
+                              f"{_no_answer_hint(self._curve)}")
             if not self._poller.poll(int(min(left, MONITOR_SLICE_S) * 1000)):   # zmq_poll: int milliseconds
                 # events queued before our send end with the CONNECTED that let it through (ZMQ_IMMEDIATE)
                 if _lost(self._monitor_events()):
@@ -201,26 +216,35 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self._call("status", QUERY_WAIT_S)
 
+    def _operator(self, op: str, backend: str) -> dict[str, Any]:
+        admin = admin_endpoint(self.endpoint)   # issue 11: the owner's private admin socket, when it exists
+        if admin is None:
+            return self._call(op, QUERY_WAIT_S, backend=backend)
+        with Client(admin) as c:
+            return c._call(op, QUERY_WAIT_S, backend=backend)
+
     def restart(self, backend: str) -> dict[str, Any]:
-        return self._call("restart", QUERY_WAIT_S, backend=backend)
+        return self._operator("restart", backend)
 
     def stop(self, backend: str) -> dict[str, Any]:
-        return self._call("stop", QUERY_WAIT_S, backend=backend)
+        return self._operator("stop", backend)
 
     def start(self, backend: str) -> dict[str, Any]:
-        return self._call("start", QUERY_WAIT_S, backend=backend)
+        return self._operator("start", backend)
 
 
 class AsyncClient:
     """asyncio client: any number of concurrent calls share one socket; answers are matched by id."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 server_key: KeySource | None = None, client_key: KeySource | None = None) -> None:
         self.endpoint = resolve_endpoint(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
         _configure(self._sock)
+        self._curve = apply_client_keys(self._sock, server_key, client_key)  # issue 11: CURVE on tcp
         self._monitor = self._sock.get_monitor_socket(MONITORED)
         self._sock.connect(self.endpoint)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -305,7 +329,8 @@ class AsyncClient:
             try:
                 msg = await asyncio.wait_for(fut, max(0.0, end - loop.time()))
             except asyncio.TimeoutError as exc:
-                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s") from exc
+                raise Timeout(f"no answer from the supervisor at {self.endpoint} within {wait_s:g} s "
+                              f"{_no_answer_hint(self._curve)}") from exc
         finally:
             self._waiting.pop(rid, None)
             self._sent.discard(rid)
@@ -340,14 +365,21 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         return await self._call("status", QUERY_WAIT_S)
 
+    async def _operator(self, op: str, backend: str) -> dict[str, Any]:
+        admin = admin_endpoint(self.endpoint)   # issue 11: the owner's private admin socket, when it exists
+        if admin is None:
+            return await self._call(op, QUERY_WAIT_S, backend=backend)
+        async with AsyncClient(admin) as c:
+            return await c._call(op, QUERY_WAIT_S, backend=backend)
+
     async def restart(self, backend: str) -> dict[str, Any]:
-        return await self._call("restart", QUERY_WAIT_S, backend=backend)
+        return await self._operator("restart", backend)
 
     async def stop(self, backend: str) -> dict[str, Any]:
-        return await self._call("stop", QUERY_WAIT_S, backend=backend)
+        return await self._operator("stop", backend)
 
     async def start(self, backend: str) -> dict[str, Any]:
-        return await self._call("start", QUERY_WAIT_S, backend=backend)
+        return await self._operator("start", backend)
 
 
-__all__ = ["AsyncClient", "Client", "EmbedError", "EmbedResult"]
+__all__ = ["AsyncClient", "Client", "EmbedError", "EmbedResult", "KeyPair"]

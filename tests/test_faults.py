@@ -333,6 +333,9 @@ def test_max_requests_per_worker_replaces_worker(serve):
 
 def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
     server = serve("""
+        [server]
+        peer_queue_share = 1.0   # one connection floods: the whole queue may be its
+
         [backends.slow]
         kind = "mock"
         dim = 8

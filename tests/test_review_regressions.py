@@ -46,7 +46,7 @@ def fake_worker(sup: Supervisor) -> WorkerProcess:
     req.seq = 7
     w.inflight[7] = req
     pool.workers[w.wid] = w
-    sup._wid_pool[w.wid] = pool
+    sup._by_identity[w.identity] = w   # the worker channel knows workers by their secret identity
     return w
 
 
@@ -61,7 +61,7 @@ def fake_worker(sup: Supervisor) -> WorkerProcess:
 def test_malformed_worker_frame_does_not_escape_the_loop(sup, header):
     w = fake_worker(sup)
     w.state = WState.STARTING if header["t"] == "ready" else WState.READY
-    sup._on_worker_frames([b"m.1", pk(header), b"response"])   # must not raise
+    sup._on_worker_frames([w.identity, pk(header), b"response"])   # must not raise
     assert 7 in w.inflight                                    # nothing answered by a bad seq
     assert isinstance(sup.pools["m"].model_info or {}, dict)
 

@@ -13,6 +13,8 @@ Exception tree (every class carries ``.code``, ``.retryable`` and a human messag
      ├── InputTooLong          INPUT_TOO_LONG       not retryable
      ├── ShuttingDown          SHUTTING_DOWN        retryable
      ├── ServerUnavailable     SERVER_UNAVAILABLE   retryable (raised by the client: no server answers)
+     ├── PayloadTooLarge       PAYLOAD_TOO_LARGE    not retryable
+     ├── Unauthorized          UNAUTHORIZED         not retryable
      └── InternalError         INTERNAL             not retryable
 
 On the wire an error is the map ``{"code": str, "message": str, "retryable": bool}``;
@@ -36,6 +38,8 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     SERVER_UNAVAILABLE = "SERVER_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNAUTHORIZED = "UNAUTHORIZED"
 
 
 class EmbedError(Exception):
@@ -109,11 +113,22 @@ class InternalError(EmbedError):
     code = ErrorCode.INTERNAL
 
 
+class PayloadTooLarge(EmbedError):
+    """A frame, a text or a request over a configured byte limit (the message names the limit)."""
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class Unauthorized(EmbedError):
+    """An operator command from a peer that is not an operator."""
+    code = ErrorCode.UNAUTHORIZED
+
+
 _BY_CODE: dict[str, type[EmbedError]] = {
     cls.code.value: cls
     for cls in (
         BadRequest, UnknownBackend, BackendUnavailable, Timeout, WorkerDied,
-        Overloaded, PoisonInput, InputTooLong, ShuttingDown, ServerUnavailable, InternalError,
+        Overloaded, PoisonInput, InputTooLong, ShuttingDown, ServerUnavailable, InternalError, PayloadTooLarge,
+        Unauthorized,
     )
 }
 

@@ -13,8 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from akidb_embed.protocol.codec import DTYPES, pack, unpack, vectors_to_blob
+from akidb_embed.protocol.codec import (
+    DTYPES,
+    TooLarge,
+    pack,
+    peek_field,
+    unpack,
+    unpack_bounded,
+    vectors_to_blob,
+)
 from akidb_embed.protocol.errors import BadRequest, EmbedError, InternalError
+from akidb_embed.protocol.errors import PayloadTooLarge as _PayloadTooLarge
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,6 +80,14 @@ class RequestError(BadRequest):
         self.request_id = request_id
 
 
+class PayloadTooLarge(_PayloadTooLarge):
+    """PAYLOAD_TOO_LARGE raised while parsing; ``request_id`` is the id when it could be read."""
+
+    def __init__(self, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 def _field(msg: dict[str, Any], name: str, types: tuple[type, ...], rid: Any, *, required: bool = False,
            default: Any = None) -> Any:
     if name not in msg or msg[name] is None:
@@ -84,23 +101,81 @@ def _field(msg: dict[str, Any], name: str, types: tuple[type, ...], rid: Any, *,
     return value
 
 
-def parse_request(frame: bytes) -> Request:
-    """Decode and validate one client frame. Raises :class:`RequestError` (BAD_REQUEST)."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (``[server]`` keys of the same names; docs/protocol.md "Limits")."""
+    max_frame_bytes: int = 8 * 2**20       # a bigger frame: PAYLOAD_TOO_LARGE
+    max_texts_per_request: int = MAX_TEXTS_PER_REQUEST
+    max_text_bytes: int = 256 * 2**10      # UTF-8 bytes of one text (and of any string field)
+
+
+DEFAULT_LIMITS = Limits()
+# a worker re-parses frames the supervisor already checked against its configured limits
+WORKER_LIMITS = Limits(max_frame_bytes=2**62, max_text_bytes=2**31 - 1)
+MAX_ID_BYTES = 256
+CLIP_CHARS = 200           # a value quoted in an error message or a log line is cut to this
+
+
+def clip(value: Any, limit: int = CLIP_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: untrusted input never reaches a message whole."""
+    text = repr(value) if not isinstance(value, (str, bytes)) or len(value) <= 4 * limit else repr(value[:limit])
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def valid_id(rid: Any) -> bool:
+    """An id is an int within 64 bits or a str of at most MAX_ID_BYTES UTF-8 bytes."""
+    if type(rid) is int:
+        return -2**63 <= rid < 2**64
+    return type(rid) is str and len(rid) <= MAX_ID_BYTES and len(rid.encode()) <= MAX_ID_BYTES
+
+
+def echo_id(rid: Any) -> Any:
+    """What an error answer carries as ``id`` for a request whose id is invalid: the value itself when
+    it is a short scalar a client could match (a float, a bool, a short bin), else nil."""
+    if valid_id(rid) or isinstance(rid, (bool, float)):
+        return rid
+    if isinstance(rid, bytes) and len(rid) <= MAX_ID_BYTES:
+        return rid
+    return None
+
+
+def peek_id(frame: bytes) -> Any:
+    """The id of a frame that cannot be decoded whole (too big, or broken after the id), or None."""
+    return echo_id(peek_field(frame, "id"))
+
+
+def parse_request(frame: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
+    """Decode and validate one client frame against ``limits``.
+
+    Raises :class:`RequestError` (BAD_REQUEST) or :class:`PayloadTooLarge`; both carry
+    ``request_id``, the id when it could be read.
+    """
+    if len(frame) > limits.max_frame_bytes:
+        raise PayloadTooLarge(f"frame of {len(frame)} bytes is over max_frame_bytes = {limits.max_frame_bytes}; "
+                              "split the texts into several requests", peek_id(frame))
     try:
-        msg = unpack(frame)
+        msg = unpack_bounded(frame, max_str=limits.max_text_bytes, max_array=limits.max_texts_per_request)
+    except TooLarge as exc:
+        if exc.what == "an array":
+            raise RequestError(f"too many texts ({exc.size}); at most {limits.max_texts_per_request} per request "
+                               "(max_texts_per_request)", peek_id(frame)) from exc
+        raise PayloadTooLarge(f"a text (or string field) of {exc.size} bytes is over max_text_bytes = "
+                              f"{limits.max_text_bytes}", peek_id(frame)) from exc
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise RequestError(f"frame is not valid msgpack ({type(exc).__name__})") from exc
+        raise RequestError(f"frame is not valid msgpack ({type(exc).__name__})", peek_id(frame)) from exc
     if not isinstance(msg, dict):
         raise RequestError(f"frame must be a msgpack map, got {type(msg).__name__}")
     rid = msg.get("id")
-    if not isinstance(rid, (int, str)) or isinstance(rid, bool):
-        raise RequestError("field 'id' must be an integer or a string", None)
+    if not valid_id(rid):
+        raise RequestError("field 'id' must be an integer (64 bits) or a string of at most "
+                           f"{MAX_ID_BYTES} bytes, got {type(rid).__name__}", echo_id(rid))
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
-        raise RequestError(f"unsupported protocol version {version!r}; this server speaks v={PROTOCOL_VERSION}", rid)
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise RequestError(f"unsupported protocol version {clip(version)}; this server speaks the integer "
+                           f"v={PROTOCOL_VERSION}", rid)
     op = msg.get("op")
     if op not in OPS:
-        raise RequestError(f"unknown op {op!r}; expected one of {', '.join(OPS)}", rid)
+        raise RequestError(f"unknown op {clip(op)}; expected one of {', '.join(OPS)}", rid)
     if op == "embed":
         return _parse_embed(msg, rid)
     if op in CONTROL_OPS:

@@ -20,13 +20,15 @@ from typing import Any, Callable, cast
 import zmq
 
 from akidb_embed.protocol.errors import (
-    BadRequest, EmbedError, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
+    BadRequest, EmbedError, InternalError, Overloaded, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
 )
+from akidb_embed.protocol.endpoint import default_endpoint
 from akidb_embed.protocol.messages import (
-    ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
-    ok_response, parse_header, parse_request, worker_header,
+    ControlRequest, EmbedRequest, PayloadTooLarge, QueryRequest, RequestError, WorkerMsg, clip, embed_job,
+    error_response, ok_response, parse_header, parse_request, worker_header,
 )
 from akidb_embed.supervisor import ops
+from akidb_embed.supervisor.auth import AuthError, Curve, check_exposure, user_id
 from akidb_embed.supervisor.config import Config, ConfigError
 from akidb_embed.supervisor.eventlog import log_event
 from akidb_embed.supervisor.events import Events, WorkerExited
@@ -34,7 +36,14 @@ from akidb_embed.supervisor.pool import BackendPool
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 from akidb_embed.supervisor.quarantine import Quarantine
 from akidb_embed.supervisor.jobs import Job
+from akidb_embed.supervisor.logsafe import Throttled
+from akidb_embed.supervisor.operators import OperatorGate
+from akidb_embed.supervisor.peers import PeerLedger, split_envelope
 from akidb_embed.supervisor.requests import RequestTable
+from akidb_embed.workers.channel_id import HB_SUFFIX
+from akidb_embed.supervisor.sockets import (
+    UnsafePath, admin_socket_path, ensure_private_dir, prepare_ipc, private_umask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +63,17 @@ class Supervisor:
         self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
         self.events = Events()
         self.events.subscribe(log_event)
-        self.table = RequestTable(self._reply, self.events)
+        # issue 11: per-peer bounds; the table adds each request and releases it at its one answer point
+        self.peers = PeerLedger(config.guard.peer_queue_share, config.guard.max_peer_bytes)
+        self.table = RequestTable(self._reply, self.events, self.peers)
+        self._warn = Throttled(log)  # issue 11: rate-limited warnings about peers
+        self.gate = OperatorGate()   # issue 11: operator commands
         self.quarantine = Quarantine()
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
         self._by_fd: dict[int, WorkerProcess] = {}
-        self._wid_pool: dict[str, BackendPool] = {}
+        self._by_identity: dict[bytes, WorkerProcess] = {}   # issue 11: secret worker identities
+        self._gone_identities: set[bytes] = set()            # recently gone: their late messages are expected
+        self.curve: Curve | None = None
         self._exiting: list[tuple[WorkerProcess, float]] = []   # lifeline closed, exit code not collected yet
         self.poller = zmq.Poller()
         self.accepting = True
@@ -72,23 +87,35 @@ class Supervisor:
         self.front.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.front.setsockopt(zmq.RCVHWM, 100_000)
-        self.front.setsockopt(zmq.SNDHWM, 100_000)
+        self.front.setsockopt(zmq.SNDHWM, self.config.guard.answer_hwm)  # issue 11: then Again, not silence
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         endpoint = self.config.endpoint
         try:
+            check_exposure(endpoint, self.config.guard)   # issue 11: tcp beyond loopback needs CURVE
+            if self.config.guard.curve_secret_key:        # issue 11: ZAP handler started before bind
+                self.curve = Curve(self.ctx, self.config.guard)
+                self.curve.secure(self.front)
             if endpoint.startswith("ipc://"):
                 path = Path(endpoint[len("ipc://"):])
-                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare_ipc(path, endpoint == default_endpoint())  # issue 11: private directory
                 if path.exists():
                     # libzmq unlinks an existing ipc path on bind: check first, or we steal a live server's socket
                     if _ipc_in_use(path):
                         raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r} is in use by "
                                           "another running server")
                     path.unlink()  # a stale socket file left by a killed supervisor
-            self.front.bind(endpoint)
-        except (ConfigError, zmq.ZMQError, OSError) as exc:
+            with private_umask():  # issue 11: the socket file is 0600 whatever the umask
+                self.front.bind(endpoint)
+            if endpoint.startswith("ipc://") and self.config.guard.socket_mode:
+                os.chmod(endpoint[len("ipc://"):], self.config.guard.socket_mode)  # opened to a group on purpose
+        except (UnsafePath, AuthError, ConfigError, zmq.ZMQError, OSError) as exc:
             self.front.close(0)
+            if self.curve is not None:
+                self.curve.stop()
             self.ctx.term()
             shutil.rmtree(self._rundir, ignore_errors=True)
+            if isinstance(exc, (UnsafePath, AuthError)):
+                raise ConfigError(f"{self.config.source}: server.endpoint = {endpoint!r}: {exc}") from exc
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"{self.config.source}: cannot listen on server.endpoint = {endpoint!r}: {exc}") from exc
@@ -96,18 +123,33 @@ class Supervisor:
         self.back.setsockopt(zmq.LINGER, 0)
         self.back.setsockopt(zmq.RCVHWM, 100_000)
         self.back.setsockopt(zmq.SNDHWM, 100_000)
-        self.back.bind(self.worker_endpoint)
+        with private_umask():
+            self.back.bind(self.worker_endpoint)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.poller.register(self.front, zmq.POLLIN)
+        self._bind_admin()   # issue 11
+        self.poller.register(self.admin, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def _bind_admin(self) -> None:
+        """issue 11: the operator socket, in the private run directory (only its owner can open it)."""
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.setsockopt(zmq.MAXMSGSIZE, 2**20)
+        self._admin_path = admin_socket_path(self.config.endpoint)
+        ensure_private_dir(self._admin_path.parent)
+        if self._admin_path.exists() and not _ipc_in_use(self._admin_path):
+            self._admin_path.unlink()
+        with private_umask():
+            self.admin.bind(f"ipc://{self._admin_path}")
 
     def watch(self, w: WorkerProcess) -> None:
         fd = w.lifeline_fd()
         self._by_fd[fd] = w
-        self._wid_pool[w.wid] = self.pools[w.cfg.name]
+        self._by_identity[w.identity] = w   # issue 11: the only peers whose messages count
         self.poller.register(fd, zmq.POLLIN)
 
     def unwatch(self, w: WorkerProcess) -> None:
@@ -116,7 +158,10 @@ class Supervisor:
             self._by_fd.pop(fd, None)
             self.poller.unregister(fd)
             w.close_lifeline()
-        self._wid_pool.pop(w.wid, None)
+        self._by_identity.pop(w.identity, None)
+        if len(self._gone_identities) > 1000:
+            self._gone_identities.clear()
+        self._gone_identities.update((w.identity, w.identity + HB_SUFFIX))
 
     def send_jobs(self, w: WorkerProcess, jobs: list[Job]) -> None:
         """All jobs for one worker as one message: [wid, header1, frame1, header2, frame2, ...].
@@ -126,7 +171,7 @@ class Supervisor:
         Plain sends: pyzmq's send_multipart costs ~5x more per part.
         """
         back = self.back
-        back.send(w.wid.encode(), zmq.SNDMORE)
+        back.send(w.identity, zmq.SNDMORE)  # issue 11: route by the secret identity
         last = len(jobs) - 1
         now = time.monotonic()
         for i, p in enumerate(jobs):
@@ -135,14 +180,18 @@ class Supervisor:
             back.send(frame, zmq.SNDMORE if i < last else 0)
 
     def send_stop(self, w: WorkerProcess) -> None:
-        self.back.send_multipart([w.wid.encode(), worker_header(WorkerMsg.STOP)])
+        self.back.send_multipart([w.identity, worker_header(WorkerMsg.STOP)])
 
     def _reply(self, route: list[bytes], frame: bytes) -> None:
         try:
             for part in route:
                 self.front.send(part, zmq.SNDMORE | zmq.NOBLOCK)
             self.front.send(frame, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # client gone or its queue full: nothing else to do
+        except zmq.Again:  # issue 11: its queue is full (answer_hwm): it does not read its answers
+            if self.peers.mark_stalled(route[0]):
+                self._warn.warning("stalled", "answers dropped: a client does not read them (answer_hwm = %d)",
+                                   self.config.guard.answer_hwm)
+        except zmq.ZMQError as exc:  # client gone: nothing else to do
             log.debug("reply dropped: %s", exc)
 
     # ---- run ------------------------------------------------------------------------------------
@@ -212,7 +261,12 @@ class Supervisor:
         if self.back in events:
             self._read_all(self.back, self._on_worker_frames)
         if self.front in events:
-            self._read_all(self.front, self._on_client_frames)
+            if self.curve is None:
+                self._read_all(self.front, self._on_client_frames)
+            else:  # issue 11: frames carry the ZAP User-Id
+                self._read_all(self.front, self._on_curve_frames, copy=False)
+        if self.admin in events:  # issue 11
+            self._read_all(self.admin, self._on_admin_frames, limit=100)
         for fd in [fd for fd in events if isinstance(fd, int)]:
             if fd == self._wake_r.fileno():
                 try:
@@ -223,33 +277,57 @@ class Supervisor:
                 self._guarded("handling a worker exit", self._on_worker_exit, self._by_fd[fd])
 
     @staticmethod
-    def _read_all(sock: zmq.Socket[Any], handler: Callable[[list[bytes]], None], limit: int = 1000) -> None:
+    def _read_all(sock: zmq.Socket[Any], handler: Callable[[list[Any]], None], limit: int = 1000,
+                  copy: bool = True) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
             if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
-            handler(sock.recv_multipart(zmq.NOBLOCK))
+            handler(sock.recv_multipart(zmq.NOBLOCK, copy=copy))
 
     # ---- client side -----------------------------------------------------------------------------
-    def _on_client_frames(self, frames: list[bytes]) -> None:
-        # DEALER clients send [identity, frame]; REQ clients add an empty delimiter.
-        if len(frames) == 3 and frames[1] == b"":
-            route, body = frames[:2], frames[2]
-        elif len(frames) == 2:
-            route, body = frames[:1], frames[1]
-        else:
-            # keep a REQ client's empty delimiter in the reply envelope, or its socket drops the answer
-            route = frames[:2] if len(frames) > 3 and frames[1] == b"" else frames[:1]
-            got = len(frames) - len(route)
-            log.warning("bad request: %d frames from a client (expected one)", got)
+    def _on_curve_frames(self, parts: list[Any]) -> None:
+        """issue 11: a CURVE peer is an operator when its key (the ZAP User-Id) is in curve_admins."""
+        assert self.curve is not None
+        self._on_client_frames([p.bytes for p in parts], self.curve.ring.is_admin(user_id(parts[-1])))
+
+    def _on_admin_frames(self, frames: list[bytes]) -> None:
+        """issue 11: the private admin socket (owner only): queries and operator commands, no embed."""
+        route, body, _ = split_envelope(frames)
+        rid = None
+        try:
+            if body is None:
+                raise BadRequest("expected one msgpack frame per request")
+            req = parse_request(body, self.config.guard.limits)
+            rid = req.id
+            if isinstance(req, EmbedRequest):
+                raise RequestError("the admin socket takes info, health, status, restart, stop and start; "
+                                   "send embed requests to the server endpoint", req.id)
+            answer = (ok_response(req.id, **self._control(req, operator=True)) if isinstance(req, ControlRequest)
+                      else ok_response(req.id, **self._query(req.op)))
+        except EmbedError as exc:
+            answer = error_response(getattr(exc, "request_id", rid), exc)
+        except Exception as exc:  # a bug must cost one request, never the supervisor
+            log.exception("internal error while handling an admin request")
+            answer = error_response(rid, InternalError(f"{type(exc).__name__}: {exc}"))
+        try:
+            self.admin.send_multipart([*route, answer], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_client_frames(self, frames: list[bytes], operator: bool = False) -> None:
+        # DEALER clients send [identity, frame]; REQ clients add an empty delimiter (and REQ_CORRELATE an id)
+        route, body, got = split_envelope(frames)  # issue 11: envelopes
+        if body is None:
+            self._warn.warning("frames", "bad request: %d frames from a client (expected one)", got)
             self.table.refuse(route, None, BadRequest(f"expected one msgpack frame per request, got {got}"))
             return
         req = None
         try:
-            req = parse_request(body)
-            self._dispatch(route, body, req)
-        except RequestError as exc:
-            log.warning("bad request: %s", exc.message)
+            req = parse_request(body, self.config.guard.limits)  # issue 11: limits
+            self._dispatch(route, body, req, operator)
+        except (RequestError, PayloadTooLarge) as exc:  # issue 11: clipped, rate-limited warning
+            self._warn.warning(exc.code.value, "bad request: %s", clip(exc.message, 300))
             self.table.refuse(route, exc.request_id, exc)
         except EmbedError as exc:
             self._refuse(route, req, exc)
@@ -263,13 +341,20 @@ class Supervisor:
         else:
             self._reply(route, error_response(getattr(req, "id", None), err))
 
-    def _dispatch(self, route: list[bytes], body: bytes, req: Any) -> None:
+    def _dispatch(self, route: list[bytes], body: bytes, req: Any, operator: bool = False) -> None:
         if isinstance(req, EmbedRequest):
             self._submit(route, body, req)
         elif isinstance(req, QueryRequest):
             self._reply(route, ok_response(req.id, **self._query(req.op)))
         elif isinstance(req, ControlRequest):
-            self._reply(route, ok_response(req.id, **ops.control(self.pools, req)))
+            self._reply(route, ok_response(req.id, **self._control(req, operator)))
+
+    def _control(self, req: ControlRequest, operator: bool) -> dict[str, Any]:
+        """issue 11: UNAUTHORIZED unless an operator; coalesced; at most replicas + 1 processes."""
+        pool = self.pools.get(req.backend)
+        if pool is None or self.gate.check(req.op, req.backend, pool, operator):
+            return ops.control(self.pools, req)   # an unknown backend: ops answers UNKNOWN_BACKEND
+        return {"backend": req.backend, "state": pool.state.value}
 
     def _query(self, op: str) -> dict[str, Any]:
         if op == "info":
@@ -285,7 +370,12 @@ class Supervisor:
         name = req.backend or self.config.default_backend
         pool = self.pools.get(name)
         if pool is None:
-            raise UnknownBackend(f"no backend named {name!r}; configured: {', '.join(self.pools)}")
+            raise UnknownBackend(f"no backend named {clip(name)}; configured: {', '.join(self.pools)}")
+        if self.peers.stalled(route[0]):  # issue 11: a peer that does not read gets no new work
+            raise Overloaded("answers to this connection are not being read (answer_hwm reached); read them")
+        # issue 11: duplicate in-flight id, per-peer share of max_queue and bytes (released by table.answer)
+        self.peers.admit(route[0], req.id, name, pool.cfg.max_queue, len(body),
+                         pool.cfg.max_inflight * pool.cfg.replicas)
         reason = self.quarantine.check(req.texts)
         if reason:
             raise PoisonInput(reason)
@@ -305,17 +395,23 @@ class Supervisor:
 
     # ---- worker side -----------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[bytes]) -> None:
-        ident = frames[0].decode(errors="replace")
+        # issue 11: a worker is known by its secret identity only; anything else is dropped, logged once
+        sender = frames[0]
+        w = self._by_identity.get(sender[:-len(HB_SUFFIX)] if sender.endswith(HB_SUFFIX) else sender)
+        if w is None or len(frames) < 2:
+            if sender not in self._gone_identities:
+                self._warn.warning("worker channel", "message from an unknown peer on the worker channel dropped "
+                                   "(identity %s)", clip(sender[:64]))
+            return
+        ident = w.wid
         try:
             header = parse_header(frames[1])
         except Exception:
             log.error("malformed frame from worker %s dropped", ident)
             return
         kind = header.get("t")
-        wid = ident[:-3] if ident.endswith("/hb") else ident
-        pool = self._wid_pool.get(wid)
-        w = pool.workers.get(wid) if pool else None
-        if pool is None or w is None:
+        pool = self.pools[w.cfg.name]
+        if pool.workers.get(w.wid) is not w:
             return  # a message from a worker already gone
         w.last_heartbeat = time.monotonic()
         try:
@@ -424,6 +520,10 @@ class Supervisor:
     def _close(self) -> None:
         self.front.close(0)
         self.back.close(0)
+        self.admin.close(0)  # issue 11
+        self._admin_path.unlink(missing_ok=True)
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()
         self._wake_r.close()
         self._wake_w.close()

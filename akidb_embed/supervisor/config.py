@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from akidb_embed.kinds import KIND_NAMES, kind_of
 from akidb_embed.protocol.endpoint import default_endpoint
+from akidb_embed.supervisor.guard import GUARD_KEYS, Guard, parse_guard
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 KINDS = KIND_NAMES
@@ -72,11 +73,12 @@ class Config:
     policy: Policy
     drain_timeout_s: float = 10.0
     source: str = "<embedded default>"
+    guard: Guard = field(default_factory=Guard)   # issue 11: limits, quotas, CURVE, operators ([server])
 
 
 _POLICY_KEYS = {f.name: f.type for f in fields(Policy)}
 _BACKEND_KEYS = {f.name for f in fields(BackendConfig)} - {"name", "options", "policy"}
-_SERVER_KEYS = {"endpoint", "default_backend"}
+_SERVER_KEYS = {"endpoint", "default_backend"} | GUARD_KEYS   # issue 11: guard keys
 _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
              "max_requests_per_worker", "restart_max", "interactive_tokens", "part_tokens", "fair_quantum_tokens"}
@@ -179,8 +181,12 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     if not endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"{src}: server.endpoint = {endpoint!r}; allowed: ipc://PATH or tcp://HOST:PORT")
     drain = float(_check_value(src, "supervisor", "drain_timeout_s", supervisor.get("drain_timeout_s", 10.0)))
+    try:  # issue 11
+        guard = parse_guard(src, server, Path(src).parent if src != "<embedded default>" else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
-                  drain_timeout_s=drain, source=src)
+                  drain_timeout_s=drain, source=src, guard=guard)
 
 
 def _with_model_settings(src: str, table: Any, backends: dict[str, BackendConfig]) -> dict[str, BackendConfig]:

@@ -10,7 +10,7 @@ import psutil
 
 from akidb_embed import __version__
 from akidb_embed.protocol.errors import UnknownBackend
-from akidb_embed.protocol.messages import ControlRequest
+from akidb_embed.protocol.messages import ControlRequest, clip
 from akidb_embed.supervisor.pool import BackendPool, BState
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def status(pools: Mapping[str, BackendPool], *, started: float, pending: int, qu
 def control(pools: Mapping[str, BackendPool], req: ControlRequest) -> dict[str, Any]:
     pool = pools.get(req.backend)
     if pool is None:
-        raise UnknownBackend(f"no backend named {req.backend!r}; configured: {', '.join(pools)}")
+        raise UnknownBackend(f"no backend named {clip(req.backend)}; configured: {', '.join(pools)}")
     log.info("operator %s: backend=%s", req.op, req.backend)
     {"restart": pool.restart, "stop": pool.stop, "start": pool.start_op}[req.op]()
     pool.note_state()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from akidb_embed.supervisor.config import BackendConfig
+from akidb_embed.workers.channel_id import new_identity, send_identity
 
 if TYPE_CHECKING:
     from akidb_embed.supervisor.jobs import Job
@@ -65,6 +66,7 @@ class WorkerProcess:
         self.stop_stage_at: float | None = None
         self.stop_signalled = False             # we sent SIGTERM/SIGKILL to end a stop that took too long
         self._ps: psutil.Process | None = None
+        self.identity = new_identity()          # issue 11: its ZeroMQ identity, a secret sent through the lifeline
 
     def command(self) -> list[str]:
         c, p = self.cfg, self.cfg.policy
@@ -89,6 +91,10 @@ class WorkerProcess:
         finally:
             child_end.close()
         self.lifeline = parent_end
+        try:   # issue 11: the channel secret, before anything else on the lifeline
+            send_identity(parent_end, self.identity)
+        except OSError as exc:   # it died already: its closed lifeline reports the exit as usual
+            log.warning("worker %s: could not send its channel identity: %s", self.wid, exc)
         self.started_at = self.last_heartbeat = time.monotonic()
         try:
             self._ps = psutil.Process(self.proc.pid)

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from akidb_embed.protocol.errors import EmbedError, Timeout
 from akidb_embed.protocol.messages import assemble_embed_parts, error_response
@@ -29,6 +29,13 @@ from akidb_embed.supervisor.events import Events, RequestAnswered
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[bytes], bytes], None]
+
+
+class PeerBook(Protocol):
+    """Per-peer accounting kept in step with the table (supervisor/peers.py): every request the table
+    records is added, and released at the one answer point."""
+    def add(self, req: "Request") -> None: ...
+    def release(self, req: "Request") -> None: ...
 
 
 class RState(str, Enum):
@@ -90,9 +97,10 @@ class Request:
 class RequestTable:
     """Owns every request from arrival to answer; the deadlines; the answer point."""
 
-    def __init__(self, reply: Reply, events: Events) -> None:
+    def __init__(self, reply: Reply, events: Events, peers: PeerBook | None = None) -> None:
         self._reply = reply
         self._events = events
+        self._peers = peers
         self.live: dict[int, Request] = {}
         self.peer_tokens: dict[bytes, int] = {}   # estimated tokens of each client's live requests
         self._heap: list[tuple[float, int, Request]] = []
@@ -111,6 +119,8 @@ class RequestTable:
     def add(self, req: Request) -> None:
         self.live[req.seq] = req
         self.peer_tokens[req.peer] = self.peer_tokens.get(req.peer, 0) + req.est_tokens
+        if self._peers is not None:
+            self._peers.add(req)
         heapq.heappush(self._heap, (req.deadline, req.seq, req))
         if len(self._heap) > 2 * len(self.live) + 64:
             # answered entries leave the heap only from its top: behind one long-lived earlier deadline
@@ -136,6 +146,8 @@ class RequestTable:
                 self.peer_tokens[req.peer] = left
             else:
                 self.peer_tokens.pop(req.peer, None)
+        if self._peers is not None:
+            self._peers.release(req)
         self._reply(req.route, frame)
         now = time.monotonic()
         handed = req.handed_at

@@ -7,6 +7,7 @@ import signal
 import sys
 
 from akidb_embed.logs import setup_logging
+from akidb_embed.workers.channel_id import read_identity
 from akidb_embed.workers.lifeline import die_with_parent
 from akidb_embed.workers.loop import Worker, WorkerSettings
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor decides
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if lifeline_fd is not None:
+        settings.identity = read_identity(lifeline_fd)  # issue 11 hook: the channel secret, never in argv/env
         die_with_parent(lifeline_fd)
     return Worker(settings).run()
 

@@ -38,13 +38,14 @@ def die_with_parent(lifeline_fd: int) -> None:
 class Heartbeat:
     """Sends ``hb`` from its own socket and thread, so a long forward pass is not taken for a hang."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, wid: str, interval_s: float) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, wid: str, interval_s: float,
+                 identity: bytes | None = None) -> None:
         self.busy = False
         self.running: list[int] = []   # seqs of the forward pass under way (set by the main thread)
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IDENTITY, f"{wid}/hb".encode())
+        self._sock.setsockopt(zmq.IDENTITY, (identity or wid.encode()) + b"/hb")  # issue 11: secret identity
         self._sock.connect(endpoint)
         self._wid, self._interval = wid, interval_s
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)

@@ -12,7 +12,7 @@ import zmq
 
 from akidb_embed.protocol.errors import BackendUnavailable, EmbedError, InternalError, Timeout
 from akidb_embed.protocol.messages import (
-    EmbedRequest, WorkerMsg, done_msg, embed_response, error_response, parse_header, parse_request,
+    WORKER_LIMITS, EmbedRequest, WorkerMsg, done_msg, embed_response, error_response, parse_header, parse_request,
     worker_header,
 )
 from akidb_embed.workers.backends import Backend, ModelInfo, create_backend
@@ -28,12 +28,13 @@ class WorkerSettings:
     backend: str                      # the configured backend name (what clients ask for)
     kind: str                         # backend kind: mock, onnx, ...
     model: str
-    wid: str                          # worker id, also its ZeroMQ identity
+    wid: str                          # worker id (its ZeroMQ identity unless the lifeline gave one)
     endpoint: str                     # the supervisor's worker socket
     options: dict[str, Any] = field(default_factory=dict)
     heartbeat_s: float = 0.5
     max_batch_size: int = 16
     max_batch_tokens: int = 4096
+    identity: bytes | None = None     # issue 11: ZeroMQ identity from the lifeline (else the wid)
 
 
 @dataclass
@@ -54,10 +55,11 @@ class Worker:
         self.s = settings
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, settings.wid.encode())
+        identity = settings.identity or settings.wid.encode()  # issue 11 hook
+        self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(settings.endpoint)
-        self.heartbeat = Heartbeat(self.ctx, settings.endpoint, settings.wid, settings.heartbeat_s)
+        self.heartbeat = Heartbeat(self.ctx, settings.endpoint, settings.wid, settings.heartbeat_s, identity)
         self.backend: Backend | None = None
         self.info: ModelInfo | None = None
         self.limits: ModelLimits | None = None
@@ -124,7 +126,7 @@ class Worker:
                 return None
             if header["t"] != WorkerMsg.EMBED or len(frames) != 2:
                 raise ValueError(f"unexpected message {header.get('t')!r}")
-            request = parse_request(frames[1])
+            request = parse_request(frames[1], WORKER_LIMITS)  # issue 11: the supervisor applied the limits
             if not isinstance(request, EmbedRequest):
                 raise ValueError("job is not an embed request")
             budget_s = float(header["budget_ms"]) / 1000.0   # relative: no clock shared with the supervisor
