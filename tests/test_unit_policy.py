@@ -9,9 +9,11 @@ from akidb_embed.supervisor.policy import RestartPolicy
 
 
 def make(**kw) -> RestartPolicy:
-    base = dict(restart_backoff_min_s=0.1, restart_backoff_max_s=1.0, restart_max=100, restart_window_s=60.0)
-    base.update(kw)
-    return RestartPolicy(Policy(**base))
+    kw.setdefault("restart_backoff_min_s", 0.1)
+    kw.setdefault("restart_backoff_max_s", 1.0)
+    kw.setdefault("restart_max", 100)
+    kw.setdefault("restart_window_s", 60.0)
+    return RestartPolicy(Policy(**kw))
 
 
 def test_backoff_doubles_per_consecutive_crash_up_to_the_cap():
