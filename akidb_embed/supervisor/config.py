@@ -22,7 +22,7 @@ PROVIDER_KINDS = {"mlx": "mlx", "python-bridge": "onnx", "mock": "mock", "onnx":
 _MODEL_KEYS = {"cache_dir", "allow_download", "max_seq_length"}
 OPTION_KEYS: dict[str, set[str]] = {
     "mock": {"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file", "crash_on",
-             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"},
+             "hang_on", "fail_on", "leak_mb_per_request", "max_tokens", "ignore_sigterm"},
     "onnx": _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"},
     "sentence-transformers": _MODEL_KEYS | {"device", "threads"},
     "mlx": set(_MODEL_KEYS),
