@@ -111,6 +111,7 @@ def test_each_request_gets_its_own_vectors_in_order(serve) -> None:
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client thread is still running"
     assert not failures, failures[:5]
 
 
