@@ -296,7 +296,7 @@ def main() -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's verdict")
     args = ap.parse_args()
     mutants = [m for name in TARGETS if args.match in name for m in generate(name)]
-    if args.match in "named":
+    if args.match in ("", "named"):
         mutants += named()
     equiv = equivalent()
     if args.list:

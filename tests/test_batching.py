@@ -140,6 +140,7 @@ def test_async_client_many_requests_in_flight(serve) -> None:
 
 # ---- the bench command -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_mock_smoke(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "bench", "--kind", "mock", "--requests", "50",

@@ -85,23 +85,33 @@ def test_exactly_4096_texts_are_accepted_and_4097_refused(serve):
 def test_max_queue_is_the_exact_number_of_waiting_requests(serve):
     """max_queue requests wait; the next one is refused OVERLOADED at once (config.toml)."""
     server = serve("""
+        [supervisor]
+        drain_timeout_s = 0.2
+        stop_timeout_s = 0.5
+
         [backends.m]
         kind = "mock"
         dim = 2
-        delay_ms = 3000
+        delay_ms = 20000
         max_queue = 3
         max_inflight = 1
-        timeout_s = 30
+        timeout_s = 60
+        hang_grace_s = 60
+
+        [backends.n]
+        kind = "mock"
+        dim = 2
     """)
-    first = Call(server, ["busy"])
+    Call(server, ["busy"])
     in_flight(server, 1)
     waiting = [Call(server, [f"w{i}"]) for i in range(3)]
-    poll_until(lambda: backend(server)["queue"] == 3, 15)
+    poll_until(lambda: backend(server)["queue"] == 3, 15)      # all three accepted: they wait
     with server.client() as c:
         err = error_of(lambda: c.embed(["one too many"]))
-    assert err.code.value == "OVERLOADED" and err.retryable is True and "max_queue = 3" in err.message
-    assert first.code() == "OK"
-    assert [w.code(30) for w in waiting] == ["OK"] * 3
+        assert err.code.value == "OVERLOADED" and err.retryable is True and "max_queue = 3" in err.message
+        assert backend(server)["queue"] == 3
+        assert c.embed(["other backend unaffected"], backend="n").shape == (1, 2)
+    assert not any("err" in w.outcome for w in waiting)        # none of the three was refused
 
 
 # ---- deadlines ---------------------------------------------------------------------------------------
@@ -113,6 +123,10 @@ def test_timeout_is_answered_at_the_deadline_not_at_the_next_housekeeping_tick(s
     the mean lateness ~0.1 s; at the deadline it is a few milliseconds (an order of magnitude apart).
     """
     server = serve("""
+        [supervisor]
+        drain_timeout_s = 0.2
+        stop_timeout_s = 0.5
+
         [backends.m]
         kind = "mock"
         dim = 2

@@ -19,7 +19,7 @@ import zmq
 from akidb_embed.protocol.messages import parse_response, request_frame
 from conftest import poll_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 TOTAL = 3000              # requests, both backends together
 ATTACKED_SHARE = 0.5      # of them to the attacked backend

@@ -150,6 +150,7 @@ def test_installed_script_and_client_error_exit(server):
     assert r.returncode == 0 and r.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 def test_no_server_is_a_clear_error(tmp_path: Path):
     endpoint = f"ipc://{tmp_path / 'nobody.sock'}"
     t0 = time.monotonic()

@@ -70,6 +70,7 @@ def gone(pid: int) -> bool:
 
 # ---- a worker dies or stops ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_worker_mid_batch(serve):
     server = serve("""
         [backends.m]
@@ -164,6 +165,7 @@ def test_poison_input_is_isolated_and_quarantined(serve):
     assert server.status()["supervisor"]["quarantined"] == 1
 
 
+@pytest.mark.slow
 def test_poison_input_with_two_replicas_under_load(serve):
     """The suspect lane must stay free of other work while it re-runs a suspect, whichever worker it is."""
     server = serve("""
@@ -246,6 +248,7 @@ def test_fail_on_fails_only_that_request(serve):
 
 # ---- start-up failures ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_startup_crash_loop_fails_then_recovers_after_cooldown(serve, tmp_path):
     flag = tmp_path / "crash-at-startup"
     flag.write_text("x")
@@ -291,6 +294,7 @@ def _state(server, name: str) -> str:
 
 # ---- recycling ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_memory_leak_recycles_gracefully(serve):
     server = serve("""
         [backends.m]
@@ -317,6 +321,7 @@ def test_memory_leak_recycles_gracefully(serve):
     poll_until(lambda: gone(pid), 10)
 
 
+@pytest.mark.slow
 def test_max_requests_per_worker_replaces_worker(serve):
     server = serve("""
         [backends.m]
@@ -400,6 +405,7 @@ def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
 
 # ---- the supervisor itself ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(serve):
     server = serve("""
         [supervisor]

@@ -128,6 +128,7 @@ def test_rolling_restart_under_load_loses_nothing(serve, replicas):
     assert all(w["state"] == "READY" for w in b["workers"])
 
 
+@pytest.mark.slow
 def test_cli_status_restart_stop_start(serve):
     server = serve(TWO_BACKENDS.format(replicas=1))
     [old] = server.worker_pids("a")

@@ -83,6 +83,7 @@ def test_deadline_heap_does_not_keep_answered_requests(sup, monkeypatch):
     assert len(sup.deadlines) <= 2 * len(sup.pending) + 65
 
 
+@pytest.mark.slow
 def test_deadline_heap_memory_is_bounded_behind_a_hung_request(serve):
     from conftest import poll_until
     server = serve("[supervisor]\ndrain_timeout_s = 0.5\nstop_timeout_s = 0.5\n"
