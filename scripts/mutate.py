@@ -46,7 +46,11 @@ TARGETS: dict[str, tuple[str, list[str], list[str]]] = {
     "protocol.messages": ("akidb_embed/protocol/messages.py", [], UNIT_PROTOCOL),
     "supervisor.policy": ("akidb_embed/supervisor/policy.py", [], ["tests/test_unit_policy.py"]),
     "supervisor.pending": ("akidb_embed/supervisor/pending.py", [], ["tests/test_unit_pending.py"]),
-    "supervisor.queue": ("akidb_embed/supervisor/pool.py", ["BackendPool.submit"], ["tests/test_behaviour.py"]),
+    "supervisor.queue": ("akidb_embed/supervisor/pool.py", ["BackendPool.submit"], [
+        "tests/test_behaviour.py::test_max_queue_is_the_exact_number_of_waiting_requests",
+        "tests/test_behaviour.py::test_operator_start_or_restart_of_a_failed_backend_brings_it_back_at_once",
+        "tests/test_ops.py::test_stop_and_start_one_backend",
+        "tests/test_review_regressions.py::test_timed_out_requests_free_their_place_in_the_queue"]),
     "workers.batching": ("akidb_embed/workers/batching.py", [], ["tests/test_batching.py"]),
     "workers.loop": ("akidb_embed/workers/loop.py", ["Worker._accept", "Worker._process", "Worker._run_group",
                                                      "Worker._group_failed", "Worker._store", "Worker._reply_ok",

@@ -222,6 +222,7 @@ def test_unknown_backend_is_refused_and_server_keeps_serving(serve):
 
 # ---- 6. a worker killed mid-request ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
     server = serve("""
         [backends.m]
@@ -262,6 +263,7 @@ def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
 
 # ---- 7. deadlines ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deadline_exceeded_then_next_request_works(serve):
     server = serve("""
         [backends.m]

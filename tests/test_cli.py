@@ -103,6 +103,7 @@ def test_info_table_and_json(server):
     assert "id" not in doc and "ok" not in doc
 
 
+@pytest.mark.slow
 def test_health_exit_codes_follow_backend_states(server):
     r = run("health", endpoint_env=server.endpoint)
     assert r.returncode == 0, r.stderr

@@ -95,6 +95,7 @@ def test_sigkill_worker_mid_batch(serve):
         assert c.embed(["after"]).shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_sigstop_worker_is_detected_killed_and_restarted(serve):
     server = serve("""
         [backends.m]
@@ -196,6 +197,7 @@ def test_poison_input_with_two_replicas_under_load(serve):
         poll_until(lambda: backend(server, "m")["state"] == "READY", 15)
 
 
+@pytest.mark.slow
 def test_hang_times_out_kills_worker_and_quarantines_the_input(serve):
     server = serve("""
         [backends.m]
@@ -347,6 +349,7 @@ def test_max_requests_per_worker_replaces_worker(serve):
 
 # ---- overload -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
     server = serve("""
         [backends.slow]

@@ -137,7 +137,8 @@ def test_blocking_client_accepts_a_huge_timeout(serve):
 # AsyncClient.close() left the futures of calls in flight pending: each caller hung for its whole
 # wait (120 s by default) and then got a misleading TIMEOUT.
 def test_async_client_close_fails_calls_in_flight(serve):
-    server = serve("[supervisor]\ndrain_timeout_s = 0.5\n" + MOCK + "delay_ms = 20000\nhang_grace_s = 60\n")
+    server = serve("[supervisor]\ndrain_timeout_s = 0.5\nstop_timeout_s = 0.5\n" + MOCK
+                   + "delay_ms = 20000\nhang_grace_s = 60\n")
 
     async def main():
         c = AsyncClient(server.endpoint)
@@ -189,6 +190,7 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     assert pool.state == BState.FAILED and "/nonexistent/python" in pool.last_exit
 
 
+@pytest.mark.slow
 def test_timed_out_requests_free_their_place_in_the_queue(serve):
     """max_queue bounds requests still waiting: ones already answered TIMEOUT must not cause OVERLOADED."""
     import threading
