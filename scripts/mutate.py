@@ -271,7 +271,7 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]
         return "killed (timeout)", time.monotonic() - t0
     if proc.returncode == 0:
         return "survived", time.monotonic() - t0
-    if proc.returncode in (1, 3) or proc.returncode < 0:
+    if proc.returncode in (1, 2, 3) or proc.returncode < 0:   # 2: the mutant broke collection (an import)
         return "killed", time.monotonic() - t0
     return f"error (pytest exit {proc.returncode})", time.monotonic() - t0
 
@@ -326,13 +326,15 @@ def main() -> int:
         finally:
             free.append(tree)
 
-    with cf.ThreadPoolExecutor(len(trees)) as ex:
-        for m, verdict, secs in ex.map(job, [m for m in mutants if m.key not in equiv]):
-            results[m.key] = (m, verdict)
-            if not verdict.startswith("killed") or args.verbose:
-                print(f"  {verdict.upper()} ({secs:.1f} s): {m.key}  [{m.describe}]", flush=True)
-    for tree in trees:
-        shutil.rmtree(tree, ignore_errors=True)
+    try:
+        with cf.ThreadPoolExecutor(len(trees)) as ex:
+            for m, verdict, secs in ex.map(job, [m for m in mutants if m.key not in equiv]):
+                results[m.key] = (m, verdict)
+                if not verdict.startswith("killed") or args.verbose:
+                    print(f"  {verdict.upper()} ({secs:.1f} s): {m.key}  [{m.describe}]", flush=True)
+    finally:
+        for tree in trees:
+            shutil.rmtree(tree, ignore_errors=True)
     print("\nper target: killed / scored (equivalent excluded)")
     total_k = total_n = 0
     for name in [*TARGETS, "named"]:

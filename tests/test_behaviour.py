@@ -217,6 +217,27 @@ def test_worker_ignoring_sigterm_is_sigkilled_after_stop_timeout(serve):
     assert f"pid={pid} reason=shutdown (killed by SIGKILL)" in log, log
 
 
+def test_hung_worker_ignoring_sigterm_is_sigkilled_and_replaced(serve):
+    """hang_grace_s: SIGTERM, then SIGKILL after stop_timeout_s (README, Deadlines, restarts and faults)."""
+    server = serve("""
+        [backends.m]
+        kind = "mock"
+        dim = 2
+        hang_on = "HANG"
+        ignore_sigterm = true
+        hang_grace_s = 0.3
+        stop_timeout_s = 0.5
+        restart_backoff_min_s = 0.05
+    """)
+    [pid] = server.worker_pids("m")
+    with server.client() as c:
+        err = error_of(lambda: c.embed(["HANG"], timeout=0.3))
+    assert err.code.value == "TIMEOUT"
+    poll_until(lambda: gone(pid), 20)
+    b = poll_until(lambda: (b := backend(server))["state"] == "READY" and b["pids"] != [pid] and b, 20)
+    assert "hang_grace_s" in b["last_exit"], b
+
+
 # ---- crashes: retry once, quarantine ---------------------------------------------------------------
 
 def test_request_of_a_worker_killed_once_is_retried_and_succeeds(serve):

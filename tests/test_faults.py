@@ -400,10 +400,11 @@ def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
     assert len(overloaded) >= 30 and len(ok) >= 6, (len(ok), len(overloaded))
     assert max(r[1] for r in overloaded) < 5.0         # refused at once, long before the 30 s deadline
     assert "max_queue" in overloaded[0][2]
-    # the fast backend is not stuck behind the slow one: its median answer is well under one slow batch
-    # (0.2 s), while the slow requests that were accepted needed at least 6 x 0.2 s in all
+    # the fast backend is not stuck behind the slow one: the accepted slow requests needed at least
+    # 6 x 0.2 s in all, a fast one's median answer is a small fraction of that (order of magnitude)
     slow_ok = sorted(r[1] for r in ok)
-    assert statistics.median(fast_latencies) < 0.2 and slow_ok[-1] >= 1.2, (sorted(fast_latencies), slow_ok)
+    assert slow_ok[-1] >= 1.2, slow_ok
+    assert statistics.median(fast_latencies) < slow_ok[-1] / 4, (sorted(fast_latencies), slow_ok)
 
 
 # ---- the supervisor itself ------------------------------------------------------------------------------------

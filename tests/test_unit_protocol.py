@@ -46,6 +46,12 @@ def test_error_from_wire_rebuilds_the_class_and_its_default_retryability(code):
     assert type(again) is CLASSES[code] and again.retryable is RETRYABLE[code]
 
 
+def test_base_error_is_internal_and_not_retryable():
+    err = errors.EmbedError("m")
+    assert err.code == ErrorCode.INTERNAL and err.retryable is False
+    assert err.to_wire() == {"code": "INTERNAL", "message": "m", "retryable": False}
+
+
 def test_wire_retryable_flag_overrides_the_default():
     assert error_from_wire({"code": "TIMEOUT", "message": "", "retryable": False}).retryable is False
     assert error_from_wire({"code": "INTERNAL", "message": "", "retryable": True}).retryable is True
