@@ -28,12 +28,14 @@ import concurrent.futures as cf
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -118,9 +120,10 @@ BIN_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.Pow: ast.
 REMOVABLE = (ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Raise, ast.Continue, ast.Break)
 
 
-def _edits(node: ast.AST) -> list[tuple[str, object]]:
+def _edits(node: ast.AST) -> list[tuple[str, Any]]:
     """(description, edit) pairs for one node; an edit is applied by _apply."""
-    out: list[tuple[str, object]] = []
+    out: list[tuple[str, Any]] = []
+    new: Any
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool):
             out.append((f"{node.value} -> {not node.value}", ("const", not node.value)))
@@ -156,21 +159,20 @@ def _edits(node: ast.AST) -> list[tuple[str, object]]:
 
 
 class _Replace(ast.NodeTransformer):
-    def __init__(self, target: ast.AST, edit: tuple) -> None:
-        self.target, self.edit = target, edit
+    def __init__(self, target: Any, edit: Any) -> None:
+        self.target: Any = target
+        self.edit = edit
 
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        node = super().generic_visit(node)
-        if node is not self.target:
+    def generic_visit(self, original: ast.AST) -> Any:
+        node: Any = super().generic_visit(original)
+        if node is not self.target:  # the one node to change
             return node
         kind = self.edit[0]
         if kind == "const":
             return ast.copy_location(ast.Constant(self.edit[1]), node)
         if kind == "cmp":
             node.ops[self.edit[1]] = self.edit[2]()
-        elif kind == "boolop":
-            node.op = self.edit[1]()
-        elif kind == "binop":
+        elif kind in ("boolop", "binop"):
             node.op = self.edit[1]()
         elif kind == "dropnot":
             return node.operand
@@ -209,7 +211,7 @@ def generate(name: str) -> list[Mutant]:
 
 def _unique(mutants: list[Mutant]) -> list[Mutant]:
     seen, out = set(), []
-    original = {}
+    original: dict[str, str] = {}
     for m in mutants:
         src = original.setdefault(m.path, ast.unparse(ast.parse((ROOT / m.path).read_text())))
         if m.source in seen or m.source == src:
@@ -263,11 +265,15 @@ def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, float]
            "AKIDB_CACHE_DIR": os.environ.get("AKIDB_CACHE_DIR", str(ROOT / ".cache" / "models")),
            "HF_HUB_OFFLINE": "1"}
     t0 = time.monotonic()
+    # its own process group: on a timeout the supervisors and workers the tests started go too
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                             *tests], cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               "-o", "addopts=", *tests], cwd=tree, env=env, capture_output=True, timeout=timeout,
-                              start_new_session=True)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         return "killed (timeout)", time.monotonic() - t0
     if proc.returncode == 0:
         return "survived", time.monotonic() - t0
