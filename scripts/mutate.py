@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 # name -> (module path, functions to mutate (qualified names; empty = the whole module), fast test files)
-UNIT_PROTOCOL = ["tests/test_unit_protocol.py"]
+UNIT_PROTOCOL = ["tests/test_unit_protocol.py", "tests/test_package.py::test_supervisor_imports_no_model_runtime_nor_numpy"]
 TARGETS: dict[str, tuple[str, list[str], list[str]]] = {
     "protocol.errors": ("akidb_embed/protocol/errors.py", [], UNIT_PROTOCOL),
     "protocol.codec": ("akidb_embed/protocol/codec.py", [], UNIT_PROTOCOL + ["tests/test_unit_loop.py"]),
@@ -304,11 +304,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's verdict")
+    ap.add_argument("--keys", type=Path, help="run only the mutants whose keys this file lists (e.g. survivors)")
     args = ap.parse_args()
     mutants = [m for name in TARGETS if args.match in name for m in generate(name)]
     if args.match in ("", "named"):
         mutants += named()
     equiv = equivalent()
+    if args.keys:
+        wanted = {line.strip() for line in args.keys.read_text().splitlines() if line.strip()}
+        mutants = [m for m in mutants if m.key in wanted]
     if args.list:
         for m in mutants:
             print(("EQUIV " if m.key in equiv else "") + m.key)

@@ -34,7 +34,7 @@ def test_each_error_class_has_its_code_and_documented_retryability(code):
     assert err.code == ErrorCode(code) and err.code.value == code
     assert err.retryable is RETRYABLE[code]
     assert err.to_wire() == {"code": code, "message": "m", "retryable": RETRYABLE[code]}
-    assert str(err) == f"{code}: m"
+    assert str(err) == f"{code}: m" and err.args == ("m",)
 
 
 @pytest.mark.parametrize("code", sorted(RETRYABLE))
@@ -99,6 +99,7 @@ def test_exactly_max_texts_are_accepted_and_one_more_refused():
 def test_embed_request_fields_and_defaults():
     req = parse_request(frame())
     assert req == EmbedRequest(id=7, texts=["a"], backend=None, normalize=True, timeout_ms=None, dtype="float32")
+    assert req == EmbedRequest(id=7, texts=["a"])      # the parsed defaults are the message's defaults
     req = parse_request(frame(id="s", backend="b", normalize=False, timeout_ms=1, dtype="float16"))
     assert req == EmbedRequest(id="s", texts=["a"], backend="b", normalize=False, timeout_ms=1, dtype="float16")
 
@@ -165,6 +166,13 @@ def test_responses_round_trip():
     for raw in (codec.pack([1]), codec.pack({"id": 1})):
         with pytest.raises(ValueError):
             messages.parse_response(raw)
+
+
+def test_worker_message_kinds_are_the_documented_ones():
+    # docs/protocol.md, supervisor <-> worker: the `t` field of each header
+    kinds = {k: v for k, v in vars(messages.WorkerMsg).items() if not k.startswith("_")}
+    assert kinds == {"EMBED": "embed", "STOP": "stop", "READY": "ready", "FAIL": "fail", "HEARTBEAT": "hb",
+                     "DONE": "done"}
 
 
 def test_worker_headers():
