@@ -138,6 +138,15 @@ def test_garbage_frames_are_bad_request(raw):
         parse_request(raw)
 
 
+def test_parsed_requests_are_immutable():
+    import dataclasses
+    reqs = [parse_request(frame()), parse_request(frame(op="info", texts=...)),
+            parse_request(frame(op="stop", texts=..., backend="m"))]
+    for req in reqs:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            req.id = 8
+
+
 def test_query_and_control_requests():
     for op in ("info", "health", "status"):
         assert parse_request(frame(op=op, texts=...)) == QueryRequest(7, op)
