@@ -301,7 +301,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--match", default="", help="only targets whose name contains this ('named' for those)")
     ap.add_argument("-j", "--jobs", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds per mutant's test run")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's verdict")
     ap.add_argument("--keys", type=Path, help="run only the mutants whose keys this file lists (e.g. survivors)")
