@@ -60,6 +60,22 @@ def test_compact_drops_every_answered_entry():
     assert [p.seq for p in h.pop_expired(1000.0)] == [8, 6, 4, 2, 0]
 
 
+def test_compact_restores_the_heap_order():
+    h = DeadlineHeap()
+    ps = {d: pending(d, float(d)) for d in (1, 5, 2, 6, 7, 3, 4)}   # heap array [1, 5, 2, 6, 7, 3, 4]
+    for d in (1, 5, 2, 6, 7, 3, 4):
+        h.push(ps[d])
+    ps[1].answered = True
+    h.compact()                                   # [5, 2, 6, ...] is no heap until re-heapified
+    assert h.next_deadline() == 2.0
+    assert [p.deadline for p in h.pop_expired(100.0)] == [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_a_new_pending_request_is_undispatched_and_unanswered():
+    p = pending(1, 10.0)
+    assert (p.attempts, p.answered, p.worker) == (0, False, None)
+
+
 # ---- Quarantine ------------------------------------------------------------------------------------
 
 def test_quarantine_refuses_the_input_then_expires(monkeypatch):
