@@ -48,6 +48,16 @@ def test_pop_expired_returns_due_unanswered_requests_in_deadline_order():
     assert len(h) == 0
 
 
+def test_an_answered_entry_behind_the_top_does_not_expire_the_top():
+    h = DeadlineHeap()
+    top, later = pending(1, 1.0), pending(2, 9.0)
+    h.push(top)
+    h.push(later)
+    later.answered = True
+    assert h.pop_expired(0.5) == []
+    assert h.next_deadline() == 1.0
+
+
 def test_compact_drops_every_answered_entry():
     h = DeadlineHeap()
     ps = [pending(i, 100.0 - i) for i in range(10)]
