@@ -6,6 +6,7 @@ observable conditions (status, health, log), never on fixed sleeps.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import threading
@@ -392,6 +393,8 @@ def test_operator_start_or_restart_of_a_failed_backend_brings_it_back_at_once(se
     with server.client() as c:
         err = error_of(lambda: c.embed(["x"]))
         assert err.code.value == "BACKEND_UNAVAILABLE" and err.retryable is True
+        wait = float(re.search(r"next attempt in ([0-9.]+) s", err.message).group(1))
+        assert 0 < wait <= 600, err.message                             # within failed_cooldown_s
         getattr(c, op)("m")
     poll_until(lambda: backend(server)["state"] == "READY", 20)      # well before the 600 s cool-down
     with server.client() as c:
