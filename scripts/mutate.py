@@ -104,7 +104,9 @@ def _skipped(tree: ast.Module) -> set[int]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                 isinstance(node.func.value, ast.Name) and node.func.value.id == "log":
             skip.update(id(n) for n in ast.walk(node))
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and id(node.value) in skip:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+                isinstance(node.value.func, ast.Attribute) and isinstance(node.value.func.value, ast.Name) and \
+                node.value.func.value.id == "log":
             skip.add(id(node))
         for ann in [getattr(node, "annotation", None), getattr(node, "returns", None)]:
             if ann is not None:
@@ -202,7 +204,8 @@ def generate(name: str) -> list[Mutant]:
             target = list(ast.walk(fresh))[index[id(node)]]
             mutated = _Replace(target, edit).visit(copy.copy(fresh))
             ast.fix_missing_locations(mutated)
-            line, col = getattr(node, "lineno", 0), getattr(node, "col_offset", 0)
+            where = node.ifs[0] if isinstance(node, ast.comprehension) else node   # a comprehension has no line
+            line, col = getattr(where, "lineno", 0), getattr(where, "col_offset", 0)
             key = f"{path}:{line}:{col}:{describe}"
             snippet = text.splitlines()[line - 1].strip() if line else ""
             mutants.append(Mutant(name, path, key, f"{describe}  | {snippet[:90]}", ast.unparse(mutated), tests))

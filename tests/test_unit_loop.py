@@ -125,7 +125,8 @@ def test_expired_jobs_are_answered_timeout_without_running(tmp_path, clock):
 def test_a_job_whose_deadline_passes_while_waiting_in_the_worker_is_not_run(tmp_path, clock):
     backend = CountingMock({"dim": DIM}, clock=clock)
     w, sock = make_worker(tmp_path, backend, max_batch_size=1)
-    w._process([job(1, ["a"], 1005.0), job(2, ["bb bb"], 1005.0), job(3, ["c c c"], 5000.0)])
+    # after the first pass the clock reads 1010: job 2's deadline is exactly now (passed), job 3's later
+    w._process([job(1, ["a"], 1005.0), job(2, ["bb bb"], 1010.0), job(3, ["c c c"], 5000.0)])
     out = answers(sock)
     assert out[1]["ok"] is True
     assert out[2]["code"] == "TIMEOUT" and "waited in the worker" in out[2]["error"]["message"]
@@ -140,6 +141,36 @@ def test_only_the_request_with_a_failing_input_fails(tmp_path, clock):
     out = answers(sock)
     assert out[1]["ok"] and out[3]["ok"]
     assert out[2]["ok"] is False and out[2]["code"] == "INTERNAL" and "fail_on" in out[2]["error"]["message"]
+
+
+def test_two_requests_in_a_failing_pass_are_isolated(tmp_path, clock):
+    backend = CountingMock({"dim": DIM, "fail_on": "BAD"})
+    w, sock = make_worker(tmp_path, backend)
+    w._process([job(1, ["BAD"], 2000.0), job(2, ["fine"], 2000.0)])
+    out = answers(sock)
+    assert out[1]["code"] == "INTERNAL" and out[2]["ok"] is True
+
+
+def test_the_other_texts_of_a_failed_request_are_not_run(tmp_path, clock):
+    backend = CountingMock({"dim": DIM, "fail_on": "BAD"})
+    w, sock = make_worker(tmp_path, backend, max_batch_size=1)
+    w._process([job(1, ["BAD", "xx"], 2000.0)])
+    out = answers(sock)
+    assert out[1]["code"] == "INTERNAL"
+    assert backend.calls == [["BAD"]]
+
+
+def test_an_embed_error_from_the_backend_keeps_its_code(tmp_path, clock):
+    from akidb_embed.protocol.errors import BadRequest
+
+    class Picky(CountingMock):
+        def embed(self, texts):
+            raise BadRequest("cannot embed this")
+    w, sock = make_worker(tmp_path, Picky({"dim": DIM}))
+    w._process([job(1, ["a"], 2000.0)])
+    out = answers(sock)[1]
+    assert out["code"] == "BAD_REQUEST" and out["error"] == {"code": "BAD_REQUEST", "message": "cannot embed this",
+                                                             "retryable": False}
 
 
 def test_a_non_embed_error_from_the_backend_is_internal(tmp_path, clock):
@@ -165,9 +196,10 @@ def test_truncated_count_without_row_flags_from_a_single_owner(tmp_path, clock):
         def embed(self, texts):
             out = super().embed(texts)
             return EmbedOutput(out.vectors, out.truncated, None)
-    w, sock = make_worker(tmp_path, NoRows({"dim": DIM, "max_tokens": 2}))
-    w._process([job(1, ["a b c", "d e f"], 2000.0)])
-    assert answers(sock)[1]["truncated"] == 2
+    w, sock = make_worker(tmp_path, NoRows({"dim": DIM, "max_tokens": 2}), max_batch_size=2)
+    w._process([job(1, ["a b c", "d e f"], 2000.0), job(2, ["g h i j"], 2000.0)])   # two passes, one owner each
+    out = answers(sock)
+    assert out[1]["truncated"] == 2 and out[2]["truncated"] == 1
 
 
 def test_token_length_failure_falls_back_to_an_estimate(tmp_path, clock):
@@ -186,6 +218,7 @@ def test_accept_reads_jobs_and_stop_and_drops_malformed_frames(tmp_path):
     assert j is not None and j.seq == 3 and j.deadline == 12.5 and j.request.texts == ["a"]
     assert w._accept([codec.pack({"t": "embed", "seq": 3, "deadline": 1.0})]) is None   # no request frame
     assert w._accept([messages.worker_header("ready"), frame]) is None
+    assert w._accept([codec.pack({"t": "ready", "seq": 3, "deadline": 1.0}), frame]) is None   # not a job
     assert w._accept([b"\xc1", frame]) is None
     assert w._accept([codec.pack({"t": "embed", "seq": 3, "deadline": 1.0}),
                       messages.request_frame(5, "info")]) is None
