@@ -149,6 +149,7 @@ def test_two_requests_in_a_failing_pass_are_isolated(tmp_path, clock):
     w._process([job(1, ["BAD"], 2000.0), job(2, ["fine"], 2000.0)])
     out = answers(sock)
     assert out[1]["code"] == "INTERNAL" and out[2]["ok"] is True
+    assert backend.calls == [["BAD", "fine"], ["BAD"], ["fine"]]     # then each request's texts on their own
 
 
 def test_the_other_texts_of_a_failed_request_are_not_run(tmp_path, clock):
