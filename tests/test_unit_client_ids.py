@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import threading
 import uuid
 
@@ -90,3 +91,18 @@ def test_async_client_routes_out_of_order_answers_by_id(stub):
             out = await asyncio.wait_for(asyncio.gather(*calls), 10)
             assert [o["which"] for o in out] == ids
     asyncio.run(main())
+
+
+def test_blocking_client_waits_its_whole_wait_then_times_out(stub):
+    with Client(stub.endpoint) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c._call("info", 1.5)                      # nobody answers
+        waited = time.monotonic() - t0
+    assert waited >= 1.5, waited                      # not earlier than asked
+    with Client(stub.endpoint) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c._call("info", 0.2)
+        waited = time.monotonic() - t0
+    assert waited < 0.9, waited                       # nor a whole second later (order of magnitude)
