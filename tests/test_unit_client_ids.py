@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import threading
+import time
 import uuid
 
 import pytest
