@@ -106,3 +106,15 @@ def test_blocking_client_waits_its_whole_wait_then_times_out(stub):
             c._call("info", 0.2)
         waited = time.monotonic() - t0
     assert waited < 0.9, waited                       # nor a whole second later (order of magnitude)
+
+
+def test_async_client_skips_frames_that_are_not_answers(stub):
+    async def main():
+        async with AsyncClient(stub.endpoint) as c:
+            call = asyncio.ensure_future(c.info())
+            ident, req = await asyncio.get_running_loop().run_in_executor(None, stub.recv)
+            stub.sock.send_multipart([ident, b"\xc1"])                 # not msgpack
+            stub.sock.send_multipart([ident, pack({"id": req["id"]})])  # no "ok": not an answer
+            stub.answer(ident, req["id"], which="mine")
+            return await asyncio.wait_for(call, 5)
+    assert asyncio.run(main())["which"] == "mine"
