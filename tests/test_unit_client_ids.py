@@ -118,3 +118,12 @@ def test_async_client_skips_frames_that_are_not_answers(stub):
             stub.answer(ident, req["id"], which="mine")
             return await asyncio.wait_for(call, 5)
     assert asyncio.run(main())["which"] == "mine"
+
+
+def test_async_client_unanswered_call_times_out_and_forgets_its_id(stub):
+    async def main():
+        async with AsyncClient(stub.endpoint) as c:
+            with pytest.raises(Timeout):
+                await c._call("info", 0.2)           # nobody answers
+            assert c._waiting == {}                  # nothing kept for an answer that may never come
+    asyncio.run(main())
