@@ -127,3 +127,20 @@ def test_async_client_unanswered_call_times_out_and_forgets_its_id(stub):
                 await c._call("info", 0.2)           # nobody answers
             assert c._waiting == {}                  # nothing kept for an answer that may never come
     asyncio.run(main())
+
+
+def test_blocking_client_keeps_waiting_after_a_stray_answer(stub):
+    with Client(stub.endpoint) as c:
+        def stray() -> None:
+            ident, req = stub.recv()
+            time.sleep(1.2)                                     # late in the wait: less than 1 s left
+            stub.answer(ident, req["id"] + 1, which="stranger")
+        t = threading.Thread(target=stray, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            c._call("info", 2.0)
+        waited = time.monotonic() - t0
+        t.join(10)
+        assert not t.is_alive()
+    assert waited >= 2.0, waited
