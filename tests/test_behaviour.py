@@ -256,27 +256,30 @@ def test_request_of_a_worker_killed_once_is_retried_and_succeeds(serve):
     assert backend(server)["restarts"] == 1
 
 
-def test_worker_died_after_the_second_death(serve):
-    """A request whose worker dies after it was already retried once gets WORKER_DIED (docs/protocol.md)."""
+def test_a_request_whose_worker_dies_again_when_rerun_alone_is_poison_input(serve):
+    """Retry once (docs/protocol.md): a request whose worker died is re-run once, alone on a worker; when that
+    worker dies too, the input is the cause: POISON_INPUT, not retryable (issue 9 replaced WORKER_DIED here).
+    WORKER_DIED after a retry that was not alone is pinned in test_unit_requests.py (Scheduler.rescue)."""
     server = serve("""
         [backends.m]
         kind = "mock"
         dim = 2
         delay_ms = 4000
+        replicas = 2
     """)
-    [old] = server.worker_pids("m")
     call = Call(server, ["twice unlucky"], timeout=60)
     in_flight(server, 1)
-    with server.client() as c:
-        c.restart("m")            # rolling restart: the old worker drains while the new one is READY
-    new = poll_until(lambda: [w["pid"] for w in backend(server)["workers"] if w["state"] == "READY"
-                              and w["pid"] != old], 15)[0]
-    os.kill(old, signal.SIGKILL)                    # first death: re-run on the new worker (a planned stop)
-    poll_until(lambda: [w for w in backend(server)["workers"] if w["pid"] == new and w["in_flight"] == 1], 15)
-    os.kill(new, signal.SIGKILL)                    # second death
+    [first] = poll_until(lambda: [w["pid"] for w in backend(server)["workers"] if w["in_flight"] == 1], 15)
+    os.kill(first, signal.SIGKILL)                  # first death: re-run alone on a worker
+    second = poll_until(lambda: [w["pid"] for w in backend(server)["workers"] if w["in_flight"] == 1
+                                 and w["pid"] != first], 15)[0]
+    os.kill(second, signal.SIGKILL)                 # second death
     err = call.result()
-    assert isinstance(err, EmbedError) and err.code.value == "WORKER_DIED", err
-    assert err.retryable is True
+    assert isinstance(err, EmbedError) and err.code.value == "POISON_INPUT", err
+    assert err.retryable is False and "twice" in err.message
+    with server.client() as c:                      # quarantined: refused without running
+        again = error_of(lambda: c.embed(["twice unlucky"], timeout=20))
+    assert again.code.value == "POISON_INPUT" and "refused for another" in again.message
 
 
 def test_quarantine_expires(serve):

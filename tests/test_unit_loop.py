@@ -44,7 +44,7 @@ class CountingMock(MockBackend):
 @pytest.fixture
 def clock(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(loop_mod.time, "time", lambda: now[0])
+    monkeypatch.setattr(loop_mod.time, "monotonic", lambda: now[0])
     return now
 
 
@@ -212,16 +212,16 @@ def test_token_length_failure_falls_back_to_an_estimate(tmp_path, clock):
     assert answers(sock)[1]["ok"] is True
 
 
-def test_accept_reads_jobs_and_stop_and_drops_malformed_frames(tmp_path):
+def test_accept_reads_jobs_and_stop_and_drops_malformed_frames(tmp_path, clock):
     w, _ = make_worker(tmp_path, CountingMock({"dim": DIM}))
     frame = messages.request_frame(5, "embed", texts=["a"])
-    j = w._accept(messages.embed_job(3, 12.5, frame))
-    assert j is not None and j.seq == 3 and j.deadline == 12.5 and j.request.texts == ["a"]
-    assert w._accept([codec.pack({"t": "embed", "seq": 3, "deadline": 1.0})]) is None   # no request frame
+    j = w._accept(messages.embed_job(3, 12500, frame))   # budget relative to receipt (monotonic 1000.0)
+    assert j is not None and j.seq == 3 and j.deadline == 1012.5 and j.request.texts == ["a"]
+    assert w._accept([codec.pack({"t": "embed", "seq": 3, "budget_ms": 1000})]) is None   # no request frame
     assert w._accept([messages.worker_header("ready"), frame]) is None
-    assert w._accept([codec.pack({"t": "ready", "seq": 3, "deadline": 1.0}), frame]) is None   # not a job
+    assert w._accept([codec.pack({"t": "ready", "seq": 3, "budget_ms": 1000}), frame]) is None   # not a job
     assert w._accept([b"\xc1", frame]) is None
-    assert w._accept([codec.pack({"t": "embed", "seq": 3, "deadline": 1.0}),
+    assert w._accept([codec.pack({"t": "embed", "seq": 3, "budget_ms": 1000}),
                       messages.request_frame(5, "info")]) is None
     assert w.stopping is False
     assert w._accept([messages.worker_header("stop")]) is None

@@ -46,10 +46,29 @@ def test_exactly_restart_max_crashes_are_allowed():
 def test_crashes_outside_the_window_do_not_count():
     p = make(restart_max=2, restart_window_s=10.0)
     assert p.record_crash(0.0) is not None
+    p.record_ready()                             # workers came up in between: only the window counts
     assert p.record_crash(5.0) is not None
+    p.record_ready()
     # 0.0 is now 10.5 s old: out of the window, so this is the 2nd crash in it, not the 3rd
     assert p.record_crash(10.5) is not None
+    p.record_ready()
     assert p.record_crash(11.0) is None          # 5.0, 10.5, 11.0: three within 10 s
+
+
+def test_more_than_restart_max_consecutive_failed_starts_fail_whatever_the_window():
+    p = make(restart_max=2, restart_window_s=1.0)
+    assert p.record_crash(0.0) is not None
+    assert p.record_crash(100.0) is not None     # far apart: the window alone would never fill
+    assert p.record_crash(200.0) is None         # the 3rd crash with no worker ready in between
+    p.reset()
+    assert p.record_crash(300.0) is not None
+
+
+def test_a_ready_worker_resets_the_consecutive_count():
+    p = make(restart_max=2, restart_window_s=1.0)
+    for t in (0.0, 100.0, 200.0, 300.0):
+        assert p.record_crash(t) is not None
+        p.record_ready()
 
 
 def test_a_crash_exactly_at_the_window_edge_still_counts():

@@ -185,10 +185,14 @@ def test_worker_message_kinds_are_the_documented_ones():
 
 
 def test_worker_headers():
-    header, body = messages.embed_job(9, 12.5, b"req")
-    assert codec.unpack(header) == {"t": "embed", "seq": 9, "deadline": 12.5} and body == b"req"
+    header, body = messages.embed_job(9, 1250, b"req")   # a budget relative to receipt, not a deadline
+    assert codec.unpack(header) == {"t": "embed", "seq": 9, "budget_ms": 1250} and body == b"req"
     header, body = messages.done_msg(9, "TIMEOUT", b"resp")
-    assert messages.parse_header(header) == {"t": "done", "seq": 9, "code": "TIMEOUT"} and body == b"resp"
+    assert messages.parse_header(header) == {"t": "done", "seq": 9, "code": "TIMEOUT", "tokens": None}
+    assert body == b"resp"
+    header, _ = messages.done_msg(9, None, b"resp", 7, [[2, 7, 0.5]])
+    assert messages.parse_header(header) == {"t": "done", "seq": 9, "code": None, "tokens": 7,
+                                             "passes": [[2, 7, 0.5]]}
     assert messages.parse_header(messages.worker_header("ready", wid="w")) == {"t": "ready", "wid": "w"}
     for raw in (codec.pack([1]), codec.pack({"seq": 1})):
         with pytest.raises(ValueError):

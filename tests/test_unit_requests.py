@@ -1,0 +1,277 @@
+"""The request table (deadlines, the one answer point, parts assembled), the quarantine, and the
+scheduler's queue bound and retry-once rule, as pure logic (no sockets, no processes)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from akidb_embed.protocol.codec import unpack
+from akidb_embed.protocol.errors import Overloaded, Timeout
+from akidb_embed.protocol.messages import embed_response, error_response, request_frame
+from akidb_embed.supervisor.config import BackendConfig
+from akidb_embed.supervisor.events import Events
+from akidb_embed.supervisor.quarantine import Quarantine, fingerprint
+from akidb_embed.supervisor.requests import Request, RequestTable, RState
+from akidb_embed.supervisor.scheduler import Scheduler
+
+
+class Table:
+    """A RequestTable whose answers are collected, decoded."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.table = RequestTable(lambda route, frame: self.sent.append(unpack(frame)), Events())
+
+    def req(self, deadline: float, texts: list[str] | None = None, add: bool = True) -> Request:
+        texts = texts or ["t"]
+        r = self.table.create([b"c"], None, b"", texts, "m", 0.0, 0.0)
+        r.rid, r.deadline, r.frame = r.seq, deadline, request_frame(r.seq, "embed", texts=texts)
+        if add:
+            self.table.add(r)
+        return r
+
+    def codes(self) -> list[tuple[int, str | None]]:
+        return [(m["id"], None if m.get("ok") else m["error"]["code"]) for m in self.sent]
+
+
+# ---- deadlines -------------------------------------------------------------------------------------
+
+def test_next_deadline_is_the_earliest_unanswered():
+    t = Table()
+    assert t.table.next_deadline() is None
+    a, b, c = t.req(30.0), t.req(10.0), t.req(20.0)
+    assert t.table.next_deadline() == 10.0
+    t.table.fail(b, Timeout("x"))
+    assert t.table.next_deadline() == 20.0
+    t.table.fail(c, Timeout("x"))
+    t.table.fail(a, Timeout("x"))
+    assert t.table.next_deadline() is None
+
+
+def test_expire_answers_due_unanswered_requests_timeout_in_deadline_order():
+    t = Table()
+    rs = [t.req(d) for d in (5.0, 1.0, 3.0, 9.0)]
+    t.table.answer(rs[2], error_response(rs[2].rid, Timeout("early")), "X")   # deadline 3.0, answered already
+    t.sent.clear()
+    t.table.expire(0.5)
+    assert t.sent == []
+    t.table.expire(5.0)                                   # 5.0 is due exactly at its deadline
+    assert t.codes() == [(rs[1].seq, "TIMEOUT"), (rs[0].seq, "TIMEOUT")]
+    assert t.table.next_deadline() == 9.0
+    t.table.expire(8.99)
+    assert len(t.sent) == 2
+    t.table.expire(100.0)
+    assert t.codes()[-1] == (rs[3].seq, "TIMEOUT") and len(t.sent) == 3
+    assert len(t.table) == 0 and t.table.heap_size == 0
+
+
+def test_an_answered_entry_behind_the_top_does_not_expire_the_top():
+    t = Table()
+    top, later = t.req(1.0), t.req(9.0)
+    t.table.fail(later, Timeout("x"))
+    t.sent.clear()
+    t.table.expire(0.5)
+    assert t.sent == [] and not top.answered
+    assert t.table.next_deadline() == 1.0
+
+
+def test_add_drops_answered_entries_once_the_heap_outgrows_the_live_requests():
+    t = Table()
+    long_lived = t.req(1e9)                               # an early entry that stays: answered ones pile up behind
+    for i in range(200):
+        t.table.fail(t.req(1000.0 + i), Timeout("x"))
+    assert t.table.heap_size <= 2 * len(t.table) + 64 + 1
+    assert t.table.next_deadline() == 1e9 and not long_lived.answered
+
+
+def test_compaction_restores_the_heap_order():
+    t = Table()
+    keep = {d: t.req(float(d)) for d in (50, 20, 60, 70, 30, 40)}
+    for _ in range(72):                                   # answered entries with the earliest deadlines
+        t.table.fail(t.req(1.0), Timeout("x"))
+    assert t.table.heap_size == 78                        # not over 2 x 7 live + 64 yet
+    keep[25] = t.req(25.0)                                # this add compacts
+    assert t.table.heap_size == 7
+    t.sent.clear()
+    assert t.table.next_deadline() == 20.0
+    t.table.expire(1000.0)
+    assert [m["id"] for m in t.sent] == [keep[d].seq for d in sorted(keep)]
+
+
+# ---- the answer point ------------------------------------------------------------------------------
+
+def test_a_new_request_is_queued_and_not_handed_over():
+    r = Table().req(10.0, add=False)
+    assert (r.state, r.answered, r.worker, r.handed_at) == (RState.QUEUED, False, None, None)
+
+
+def test_a_request_is_answered_exactly_once():
+    t = Table()
+    r = t.req(10.0)
+    assert t.table.answer(r, error_response(r.rid, Timeout("a")), "TIMEOUT") is True
+    assert t.table.answer(r, error_response(r.rid, Timeout("b")), "TIMEOUT") is False
+    assert t.table.fail(r, Timeout("c")) is False
+    assert len(t.sent) == 1 and r.answered and len(t.table) == 0
+    t.table.expire(100.0)
+    assert len(t.sent) == 1
+
+
+def _part(rows: list[float], rid: int = 0) -> bytes:
+    return embed_response(rid, np.array([[x, x] for x in rows], dtype=np.float32), dtype="float32", backend="m",
+                          model="mock", truncated=0)
+
+
+def test_parts_are_assembled_in_order_whatever_order_they_arrive_in():
+    t = Table()
+    r = t.req(10.0, texts=["a", "b", "c"])
+    r.expect_parts(3)
+    assert t.table.job_answered(r, 2, _part([3.0]), None, 1) is False
+    assert t.table.job_answered(r, 0, _part([1.0]), None, 1) is False
+    assert t.table.job_answered(r, 0, _part([1.0]), None, 1) is False     # a duplicate counts once
+    assert t.sent == []
+    assert t.table.job_answered(r, 1, _part([2.0]), None, 1) is True
+    [out] = t.sent
+    assert out["ok"] and out["id"] == r.rid and out["shape"] == [3, 2]
+    assert np.frombuffer(out["data"], "<f4").reshape(3, 2)[:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert t.table.job_answered(r, 1, _part([2.0]), None, 1) is False     # late: answered already
+
+
+def test_a_failed_part_answers_the_request_at_once():
+    t = Table()
+    r = t.req(10.0, texts=["a", "b"])
+    r.expect_parts(2)
+    t.table.job_answered(r, 0, _part([1.0]), None, 1)
+    assert t.table.job_answered(r, 1, error_response(r.rid, Timeout("x")), "TIMEOUT", None) is True
+    assert t.codes() == [(r.rid, "TIMEOUT")]
+
+
+# ---- Quarantine ------------------------------------------------------------------------------------
+
+def test_quarantine_refuses_the_input_then_expires(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    q = Quarantine()
+    assert q.check(["bad"]) is None
+    q.add(["bad"], 5.0, "this input crashed a worker")
+    reason = q.check(["bad"])
+    assert reason and "crashed a worker" in reason and "5 s" in reason
+    assert q.check(["good"]) is None
+    assert len(q) == 1
+    now[0] = 1004.9
+    assert q.check(["bad"]) is not None
+    now[0] = 1005.0                              # expired exactly at its end
+    assert q.check(["bad"]) is None
+    assert len(q) == 0
+
+
+def test_quarantined_single_text_is_refused_inside_a_multi_text_request():
+    q = Quarantine()
+    q.add(["bad"], 60.0, "r")
+    assert q.check(["ok", "bad"]) is not None
+    assert q.check(["ok", "fine"]) is None
+
+
+def test_quarantined_list_is_refused_only_as_that_list():
+    q = Quarantine()
+    q.add(["a", "b"], 60.0, "r")
+    assert q.check(["a", "b"]) is not None
+    assert q.check(["a"]) is None
+    assert q.check(["b"]) is None
+    assert q.check(["b", "a"]) is None
+
+
+def test_fingerprint_separates_texts():
+    assert fingerprint(["ab", "c"]) != fingerprint(["a", "bc"])
+    assert fingerprint(["x"]) == fingerprint(["x"])
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0])
+def test_quarantine_of_zero_seconds_refuses_nothing(seconds):
+    q = Quarantine()
+    q.add(["bad"], seconds, "r")
+    assert q.check(["bad"]) is None
+
+
+# ---- Scheduler: the queue bound, retry once, isolation ----------------------------------------------
+
+def scheduler(**kw) -> tuple[Scheduler, Table]:
+    t = Table()
+    return Scheduler(BackendConfig(name="m", kind="mock", **kw), t.table, Quarantine()), t
+
+
+@dataclass(eq=False)
+class FakeWorker:
+    """What the scheduler reads of a WorkerProcess."""
+    wid: str
+    inflight: dict = field(default_factory=dict)
+    isolating: bool = False
+    hung: bool = False
+    running: list = field(default_factory=list)
+
+
+def worker(wid: str = "m.1") -> FakeWorker:
+    return FakeWorker(wid)
+
+
+def queued(s: Scheduler, t: Table, texts: list[str] | None = None) -> Request:
+    r = t.req(time.monotonic() + 60.0, texts)
+    s.admit(r, None)
+    return r
+
+
+def test_max_queue_is_the_exact_number_of_waiting_requests():
+    s, t = scheduler(max_queue=3)
+    for _ in range(3):
+        queued(s, t)
+    with pytest.raises(Overloaded):
+        queued(s, t)
+    assert s.waiting() == 3
+    t.table.fail(next(iter(t.table.live.values())), Timeout("x"))   # an answered request frees its place
+    queued(s, t)
+    assert s.waiting() == 3
+
+
+def test_a_request_retried_once_gets_worker_died_when_its_worker_dies_again():
+    s, t = scheduler()
+    a, b = queued(s, t, ["a"]), queued(s, t, ["b"])
+    w1 = worker("m.1")
+    s.assign([w1])
+    assert sorted(j.req.seq for j in w1.inflight.values()) == [a.seq, b.seq]
+    s.rescue(w1, "killed", planned=True, can_retry=True)        # a planned exit: back to the queue, not suspect
+    w2 = worker("m.2")
+    s.assign([w2])
+    assert all(j.attempts == 2 for j in w2.inflight.values())
+    s.rescue(w2, "SIGKILL", planned=False, can_retry=True)       # a crash after the one retry
+    assert sorted(t.codes()) == sorted([(a.rid, "WORKER_DIED"), (b.rid, "WORKER_DIED")])
+
+
+def test_requests_of_a_crashed_worker_are_rerun_alone_and_the_poison_one_is_quarantined():
+    s, t = scheduler()
+    a, b = queued(s, t, ["good"]), queued(s, t, ["poison"])
+    w1 = worker("m.1")
+    s.assign([w1])
+    s.rescue(w1, "SIGKILL", planned=False, can_retry=True)
+    assert t.sent == [] and [j.req for j in s.suspects] == [a, b]     # retried once each, in order, alone
+    w2 = worker("m.2")
+    s.assign([w2])
+    assert [j.req for j in w2.inflight.values()] == [a] and w2.isolating
+    [job] = w2.inflight.values()
+    assert s.finished(w2, job.seq) is job and not w2.isolating
+    t.table.job_answered(a, 0, _part([1.0], a.rid), None, 1)
+    s.assign([w2])
+    assert [j.req for j in w2.inflight.values()] == [b] and w2.isolating
+    s.rescue(w2, "SIGKILL", planned=False, can_retry=True)
+    assert t.codes() == [(a.rid, None), (b.rid, "POISON_INPUT")]
+    assert s.quarantine.check(["poison"]) is not None and s.quarantine.check(["good"]) is None
+
+
+def test_no_retry_when_the_backend_no_longer_serves():
+    s, t = scheduler()
+    a = queued(s, t)
+    w1 = worker()
+    s.assign([w1])
+    s.rescue(w1, "SIGKILL", planned=False, can_retry=False)
+    assert t.codes() == [(a.rid, "WORKER_DIED")]
