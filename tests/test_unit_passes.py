@@ -60,3 +60,9 @@ def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
     got = compose_pass(q, s, now=0.0, max_texts=16)
     assert [w.peer for w in got] == [b"q1", b"q2"]                       # new peers first, queries together
     assert all(not w.interactive for w in compose_pass(q, s, now=0.0, max_texts=16))
+    q.push(W(b"q3", 5, 1, True))
+    q.push(W(b"q4", 5, 1, True))
+    q.push(W(b"q5", 5, 1, True))
+    assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=2)] == [b"q3", b"q4"]
+    assert compose_pass(q, s, now=0.0, max_texts=16, max_units=0) == []   # the worker holds max_inflight
+    assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=1)] == [b"q5"]

@@ -275,3 +275,17 @@ def test_no_retry_when_the_backend_no_longer_serves():
     s.assign([w1])
     s.rescue(w1, "SIGKILL", planned=False, can_retry=False)
     assert t.codes() == [(a.rid, "WORKER_DIED")]
+
+
+def test_a_worker_never_holds_more_than_max_inflight_jobs():
+    s, t = scheduler(max_inflight=2)
+    for i in range(5):
+        queued(s, t, [f"t{i}"])
+    w = worker()
+    s.assign([w])
+    assert len(w.inflight) == 2
+    s.assign([w])
+    assert len(w.inflight) == 2                      # full: nothing more until it answers
+    s.finished(w, next(iter(w.inflight)))
+    s.assign([w])
+    assert len(w.inflight) <= 2 and s.waiting() >= 2

@@ -89,7 +89,8 @@ class Scheduler:
         for held in range(1 if self.sizer.interactive(now) else 2):
             for w in others:
                 if len(self.passes.get(w.wid, ())) == held and len(w.inflight) < self.cfg.max_inflight:
-                    jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
+                    jobs = compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size,
+                                        self.cfg.max_inflight - len(w.inflight))
                     if not jobs:
                         return outbox
                     self._hand(w, jobs, now, outbox)
