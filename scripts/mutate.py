@@ -41,18 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 # name -> (module path, functions to mutate (qualified names; empty = the whole module), fast test files)
-UNIT_PROTOCOL = ["tests/test_unit_protocol.py", "tests/test_package.py::test_supervisor_imports_no_model_runtime_nor_numpy"]
+UNIT_PROTOCOL = ["tests/test_unit_protocol.py", "tests/test_unit_parts.py",
+                 "tests/test_package.py::test_supervisor_imports_no_model_runtime_nor_numpy"]
+UNIT_REQUESTS = ["tests/test_unit_requests.py"]
 TARGETS: dict[str, tuple[str, list[str], list[str]]] = {
     "protocol.errors": ("akidb_embed/protocol/errors.py", [], UNIT_PROTOCOL),
     "protocol.codec": ("akidb_embed/protocol/codec.py", [], UNIT_PROTOCOL + ["tests/test_unit_loop.py"]),
     "protocol.messages": ("akidb_embed/protocol/messages.py", [], UNIT_PROTOCOL),
     "supervisor.policy": ("akidb_embed/supervisor/policy.py", [], ["tests/test_unit_policy.py"]),
-    "supervisor.pending": ("akidb_embed/supervisor/pending.py", [], ["tests/test_unit_pending.py"]),
-    "supervisor.queue": ("akidb_embed/supervisor/pool.py", ["BackendPool.submit"], [
+    "supervisor.requests": ("akidb_embed/supervisor/requests.py", [], UNIT_REQUESTS),
+    "supervisor.quarantine": ("akidb_embed/supervisor/quarantine.py", [], UNIT_REQUESTS),
+    "supervisor.scheduler": ("akidb_embed/supervisor/scheduler.py", [], UNIT_REQUESTS + [
         "tests/test_behaviour.py::test_max_queue_is_the_exact_number_of_waiting_requests",
-        "tests/test_behaviour.py::test_operator_start_or_restart_of_a_failed_backend_brings_it_back_at_once",
-        "tests/test_ops.py::test_stop_and_start_one_backend",
         "tests/test_review_regressions.py::test_timed_out_requests_free_their_place_in_the_queue"]),
+    "supervisor.fairqueue": ("akidb_embed/supervisor/fairqueue.py", [], ["tests/test_unit_fairqueue.py"]),
+    "supervisor.passes": ("akidb_embed/supervisor/passes.py", [], ["tests/test_unit_passes.py"]),
+    "supervisor.jobs": ("akidb_embed/supervisor/jobs.py", [], ["tests/test_unit_parts.py"] + UNIT_REQUESTS),
     "workers.batching": ("akidb_embed/workers/batching.py", [], ["tests/test_batching.py"]),
     "workers.loop": ("akidb_embed/workers/loop.py", ["Worker._accept", "Worker._process", "Worker._run_group",
                                                      "Worker._group_failed", "Worker._store", "Worker._reply_ok",
@@ -234,7 +238,7 @@ def named() -> list[Mutant]:
         old, new = rest.split("\n+++\n", 1)
         old = old.split("---\n", 1)[1]
         new = new.rstrip("\n")
-        source = (ROOT / path).read_text()
+        source = (ROOT / path).read_text() if (ROOT / path).is_file() else ""
         found = source.count(old)
         key = f"named:{title}"
         if found != 1:
