@@ -39,7 +39,7 @@ def test_a_new_peer_with_one_small_unit_goes_before_a_backlogged_peer() -> None:
 
 def test_backlogged_peers_share_tokens_not_requests() -> None:
     q: FairQueue[U] = FairQueue(quantum=100)
-    for i in range(50):
+    for _ in range(50):
         q.push(U(b"big", 100, name="big"))
         q.push(U(b"small", 10, name="small"))
     order = drain(q, 40)
@@ -54,7 +54,7 @@ def test_priority_order_high_normal_low() -> None:
     q.push(U(b"b", 10, NORMAL, "normal"))
     q.push(U(b"c", 10, HIGH, "high"))
     assert drain(q) == ["high", "normal", "low"]
-    for i in range(3):
+    for _ in range(3):
         for name, prio in (("low", LOW), ("normal", NORMAL), ("high", HIGH)):
             q.push(U(name.encode(), 10, prio, name))
     assert drain(q) == ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
@@ -65,7 +65,7 @@ def test_low_is_never_starved_by_a_stream_of_high() -> None:
     for i in range(100):
         q.push(U(b"bulk", 10, LOW, f"low{i}"))
     served_low = 0
-    for i in range(420):
+    for _ in range(420):
         q.push(U(b"query", 10, HIGH, "high"))
         if q.pop().name.startswith("low"):
             served_low += 1
