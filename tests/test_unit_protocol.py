@@ -21,11 +21,12 @@ from akidb_embed.protocol.messages import (
 # docs/protocol.md: which codes a client may retry
 RETRYABLE = {"BAD_REQUEST": False, "UNKNOWN_BACKEND": False, "BACKEND_UNAVAILABLE": True, "TIMEOUT": True,
              "WORKER_DIED": True, "OVERLOADED": True, "POISON_INPUT": False, "SHUTTING_DOWN": True,
-             "INTERNAL": False}
+             "SERVER_UNAVAILABLE": True, "INTERNAL": False}
 CLASSES = {"BAD_REQUEST": errors.BadRequest, "UNKNOWN_BACKEND": errors.UnknownBackend,
            "BACKEND_UNAVAILABLE": errors.BackendUnavailable, "TIMEOUT": errors.Timeout,
            "WORKER_DIED": errors.WorkerDied, "OVERLOADED": errors.Overloaded, "POISON_INPUT": errors.PoisonInput,
-           "SHUTTING_DOWN": errors.ShuttingDown, "INTERNAL": errors.InternalError}
+           "SHUTTING_DOWN": errors.ShuttingDown, "SERVER_UNAVAILABLE": errors.ServerUnavailable,
+           "INTERNAL": errors.InternalError}
 
 
 @pytest.mark.parametrize("code", sorted(RETRYABLE))
