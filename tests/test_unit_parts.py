@@ -98,3 +98,16 @@ def test_a_single_long_text_is_never_cut_and_queries_are_small_requests_of_quiet
     assert job.cost == 512 and job.interactive is False
     assert make_jobs(_request(["a" * 36]), 128, 1, 245, 256)[0].interactive is True     # 11 + 245 == 256
     assert make_jobs(_request(["a" * 36]), 128, 1, 246, 256)[0].interactive is False
+
+
+def test_one_part_is_its_own_answer_and_a_count_missing_from_a_part_counts_zero() -> None:
+    v = np.ones((2, 3), dtype=np.float32)
+    one = unpack(assemble_embed_parts(5, [embed_response(9, v, dtype="float32", backend="b", model="m", truncated=2)]))
+    assert one["id"] == 5 and one["shape"] == [2, 3] and one["truncated"] == 2
+    with_count = embed_response(9, v, dtype="float32", backend="b", model="m", truncated=2)
+    without = unpack(embed_response(9, v, dtype="float32", backend="b", model="m", truncated=0))
+    without.pop("truncated", None)
+    out = unpack(assemble_embed_parts(5, [with_count, pack(without)]))
+    assert out["truncated"] == 2 and out["shape"] == [4, 3]
+    out = unpack(assemble_embed_parts(5, [pack(without), pack(without)]))
+    assert "truncated" not in out                         # a count no part reported is not made up

@@ -74,7 +74,12 @@ def test_a_ready_worker_resets_the_consecutive_count():
 def test_a_crash_exactly_at_the_window_edge_still_counts():
     p = make(restart_max=1, restart_window_s=10.0)
     assert p.record_crash(0.0) is not None
+    p.record_ready()                             # not the consecutive-start cap: the window alone
     assert p.record_crash(10.0) is None          # 0.0 is exactly 10 s old: still in the window
+    q = make(restart_max=1, restart_window_s=10.0)
+    assert q.record_crash(0.0) is not None
+    q.record_ready()
+    assert q.record_crash(10.01) is not None     # just past it: forgotten
 
 
 def test_reset_forgets_crashes_and_backoff():

@@ -207,3 +207,12 @@ def test_vector_blob_is_little_endian_row_major():
     assert len(codec.vectors_to_blob(vec, "float16")) == 8
     out = codec.blob_to_vectors(blob, [2, 2])
     assert out.dtype == np.float32 and np.array_equal(out, vec)
+
+
+def test_priority_is_one_of_the_three_classes_or_absent():
+    for prio in ("high", "normal", "low"):
+        assert parse_request(messages.request_frame(1, "embed", texts=["a"], priority=prio)).priority == prio
+    assert parse_request(messages.request_frame(1, "embed", texts=["a"])).priority is None
+    with pytest.raises(RequestError) as exc:
+        parse_request(messages.request_frame(1, "embed", texts=["a"], priority="urgent"))
+    assert "priority" in str(exc.value) and "high, normal, low" in str(exc.value)

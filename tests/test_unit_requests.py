@@ -132,7 +132,10 @@ def test_parts_are_assembled_in_order_whatever_order_they_arrive_in():
     assert t.table.job_answered(r, 0, _part([1.0]), None, 1) is False
     assert t.table.job_answered(r, 0, _part([1.0]), None, 1) is False     # a duplicate counts once
     assert t.sent == []
+    events: list = []
+    t.table._events.subscribe(events.append)
     assert t.table.job_answered(r, 1, _part([2.0]), None, 1) is True
+    assert [(e.code, e.tokens, e.texts) for e in events] == [(None, 3, 3)]    # the parts' tokens, summed
     [out] = t.sent
     assert out["ok"] and out["id"] == r.rid and out["shape"] == [3, 2]
     assert np.frombuffer(out["data"], "<f4").reshape(3, 2)[:, 0].tolist() == [1.0, 2.0, 3.0]
