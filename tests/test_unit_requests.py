@@ -292,3 +292,133 @@ def test_a_worker_never_holds_more_than_max_inflight_jobs():
     s.finished(w, next(iter(w.inflight)))
     s.assign([w])
     assert len(w.inflight) <= 2 and s.waiting() >= 2
+
+
+# ---- a request's record and the table's bookkeeping --------------------------------------------------
+
+def test_create_numbers_requests_from_one_and_sets_the_deadline_from_now():
+    t = Table()
+    a = t.table.create([b"c", b""], 1, b"", ["x"], "m", 2.5, 100.0)
+    b = t.table.create([b"c"], 2, b"", ["x"], "m", 2.5, 100.0)
+    assert (a.seq, b.seq) == (1, 2)
+    assert (a.arrived, a.deadline, a.budget_s) == (100.0, 102.5, 2.5)
+    assert a.peer == b"c" and len(t.table) == 0              # not in the table until added
+
+
+def test_hand_over_and_back_to_the_queue():
+    r = Table().req(10.0)
+    r.hand_to("m.1", 5.0)
+    assert (r.state, r.worker, r.handed_at, r.last_handed) == (RState.RUNNING, "m.1", 5.0, 5.0)
+    r.back_to_queue(suspect=True)
+    assert (r.state, r.worker) == (RState.RETRYING, None)
+    r.hand_to("m.2", 7.0)
+    assert (r.state, r.worker, r.handed_at, r.last_handed) == (RState.RUNNING, "m.2", 5.0, 7.0)
+    r.back_to_queue(suspect=False)
+    assert r.state is RState.QUEUED
+
+
+def test_an_answered_request_stays_answered_when_rerun_as_a_probe():
+    t = Table()
+    r = t.req(10.0)
+    t.table.fail(r, Timeout("x"))
+    r.hand_to("m.1", 5.0)
+    assert r.state is RState.ANSWERED and r.worker == "m.1"
+    r.back_to_queue(suspect=True)
+    assert r.state is RState.ANSWERED and r.worker is None
+
+
+def test_each_answer_is_one_event_with_its_times(monkeypatch):
+    import akidb_embed.supervisor.requests as requests_mod
+    now = [10.0]
+    monkeypatch.setattr(requests_mod.time, "monotonic", lambda: now[0])
+    t = Table()
+    events: list = []
+    t.table._events.subscribe(events.append)
+    r = t.table.create([b"c"], 1, b"", ["a", "b"], "m", 60.0, 1.0)
+    t.table.add(r)
+    r.hand_to("m.1", 3.0)
+    r.hand_to("m.2", 6.0)
+    t.table.answer(r, b"\x80", None, 9)
+    never = t.table.create([b"c"], 2, b"", ["a"], "m", 60.0, 4.0)
+    t.table.add(never)
+    t.table.fail(never, Timeout("x"))
+    assert [(e.backend, e.code, e.texts, e.tokens) for e in events] == [("m", None, 2, 9), ("m", "TIMEOUT", 1, None)]
+    assert (events[0].queue_s, events[0].run_s, events[0].total_s) == (2.0, 4.0, 9.0)
+    assert (events[1].queue_s, events[1].run_s, events[1].total_s) == (6.0, 0.0, 6.0)
+
+
+def test_refused_requests_are_answered_and_counted_without_a_record():
+    t = Table()
+    events: list = []
+    t.table._events.subscribe(events.append)
+    t.table.refuse([b"c"], 9, Overloaded("full"))
+    assert t.codes() == [(9, "OVERLOADED")] and len(t.table) == 0
+    assert [(e.backend, e.code, e.texts, e.total_s) for e in events] == [("", "OVERLOADED", 0, 0.0)]
+
+
+def test_fail_all_answers_every_live_request_once():
+    t = Table()
+    rs = [t.req(10.0 + i) for i in range(3)]
+    t.table.fail(rs[1], Timeout("x"))
+    t.table.fail_all(Overloaded("bye"))
+    assert sorted(t.codes()) == sorted([(rs[1].rid, "TIMEOUT"), (rs[0].rid, "OVERLOADED"), (rs[2].rid, "OVERLOADED")])
+    assert len(t.table) == 0
+
+
+def test_a_timeout_says_whether_the_request_was_in_a_worker_or_waiting():
+    t = Table()
+    queued_one, running = t.req(1.0), t.req(2.0)
+    running.hand_to("m.7", 0.5)
+    t.table.expire(5.0)
+    msgs = {m["id"]: m["error"]["message"] for m in t.sent}
+    assert "waiting in queue" in msgs[queued_one.rid] and "in worker m.7" in msgs[running.rid]
+
+
+def test_an_answered_split_request_drops_its_parts_and_parts_without_tokens_count_zero():
+    t = Table()
+    r = t.req(10.0, texts=["a", "b", "c"])
+    r.expect_parts(3)
+    events: list = []
+    t.table._events.subscribe(events.append)
+    t.table.job_answered(r, 0, _part([1.0]), None, None)
+    t.table.job_answered(r, 1, _part([1.0]), None, 4)
+    t.table.job_answered(r, 2, _part([1.0]), None, None)
+    assert events[0].tokens == 4
+    r2 = t.req(10.0, texts=["a", "b"])
+    r2.expect_parts(2)
+    t.table.job_answered(r2, 0, _part([1.0]), None, 1)
+    t.table.fail(r2, Timeout("x"))
+    assert r2.parts is None                                  # the parts' answers are not kept after the answer
+
+
+def test_with_no_ready_worker_nothing_is_handed_out_even_to_suspects():
+    s, t = scheduler()
+    queued(s, t)
+    w = worker()
+    s.assign([w])
+    s.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    assert s.assign([]) == {} and len(s.suspects) == 1
+
+
+def test_two_passes_per_worker_for_bulk_work_one_while_queries_are_around():
+    s, t = scheduler()
+    for i in range(20):
+        queued(s, t, [f"{i}" + "x" * 4000])                 # 512 estimated tokens each: bulk, 8 per pass
+    w = worker()
+    s.assign([w])
+    assert len(s.passes[w.wid]) == 2 and len(w.inflight) == 16
+    s2, t2 = scheduler()
+    queued(s2, t2, ["a short query"])
+    for i in range(20):
+        queued(s2, t2, [f"{i}" + "x" * 4000])
+    w2 = worker()
+    s2.assign([w2])
+    assert len(s2.passes[w2.wid]) == 1 and len(w2.inflight) == 1    # the query's pass alone
+
+
+def test_a_long_request_id_is_clipped_in_logs():
+    from akidb_embed.supervisor.scheduler import clip_id
+    assert clip_id(7) == "7"
+    long = clip_id("x" * 200)
+    assert len(long) == 80 and long.endswith("...")
+    assert clip_id("y" * 78) == repr("y" * 78)
