@@ -29,6 +29,7 @@ class Table:
         texts = texts or ["t"]
         r = self.table.create([b"c"], None, b"", texts, "m", 0.0, 0.0)
         r.rid, r.deadline, r.frame = r.seq, deadline, request_frame(r.seq, "embed", texts=texts)
+        r.budget_s = 60.0
         if add:
             self.table.add(r)
         return r
@@ -422,3 +423,76 @@ def test_a_long_request_id_is_clipped_in_logs():
     long = clip_id("x" * 200)
     assert len(long) == 80 and long.endswith("...")
     assert clip_id("y" * 78) == repr("y" * 78)
+
+
+def test_handed_jobs_are_running_on_their_worker_and_a_rescue_forgets_the_worker():
+    s, t = scheduler()
+    a, b = queued(s, t, ["a"]), queued(s, t, ["b"])
+    w = worker()
+    s.assign([w])
+    assert (a.state, a.worker, b.state, b.worker) == (RState.RUNNING, "m.1", RState.RUNNING, "m.1")
+    assert w.wid in s.passes
+    s.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    assert w.inflight == {} and w.wid not in s.passes and w.wid not in s._pass_end
+    assert (a.state, a.worker) == (RState.RETRYING, None)
+    assert s.waiting() == 2                                  # the suspects still wait
+
+
+def test_a_hung_worker_blames_only_what_was_running_the_rest_is_requeued():
+    s, t = scheduler()
+    a, b = queued(s, t, ["hangs"]), queued(s, t, ["innocent"])
+    w = worker()
+    s.assign([w])
+    w.hung, w.running = True, [j.seq for j in w.inflight.values() if j.req is a]
+    s.rescue(w, "hung", planned=False, can_retry=True)
+    assert t.codes() == [(a.rid, "POISON_INPUT")] and "hung" in t.sent[0]["error"]["message"]
+    assert s.quarantine.check(["hangs"]) is not None and s.quarantine.check(["innocent"]) is None
+    assert (b.state, b.worker) == (RState.QUEUED, None) and not s.suspects and s.waiting() == 1
+    w2 = worker("m.2")
+    s.assign([w2])
+    assert [j.req for j in w2.inflight.values()] == [b] and not w2.isolating
+
+
+def test_a_hang_inside_a_batch_reruns_each_running_job_alone_answered_ones_as_probes():
+    s, t = scheduler()
+    a, b = queued(s, t, ["a"]), queued(s, t, ["b"])
+    w = worker()
+    s.assign([w])
+    t.table.fail(a, Timeout("its deadline passed while the worker hung"))
+    w.hung, w.running = True, [j.seq for j in w.inflight.values()]
+    s.rescue(w, "hung", planned=False, can_retry=True)
+    assert [j.req for j in s.suspects] == [a, b]
+    assert [j.probe for j in s.suspects] == [True, False]
+    assert s.suspects[0].deadline > time.monotonic() + 30    # a probe gets the request's whole budget again
+    s.fail_waiting(Overloaded("stopped"))
+    assert t.codes() == [(a.rid, "TIMEOUT"), (b.rid, "OVERLOADED")]    # nobody waits for a probe's answer
+    assert not s.suspects and s.waiting() == 0
+
+
+def test_fail_waiting_answers_the_queue_and_the_suspects():
+    s, t = scheduler()
+    a = queued(s, t, ["a"])
+    w = worker()
+    s.assign([w])
+    s.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    b = queued(s, t, ["b"])
+    s.fail_waiting(Overloaded("stopped"))
+    assert sorted(t.codes()) == sorted([(a.rid, "OVERLOADED"), (b.rid, "OVERLOADED")])
+    assert s.waiting() == 0 and s.assign([worker("m.2")]) == {}
+
+
+def test_finished_passes_teach_the_sizer_the_backend_speed(monkeypatch):
+    import akidb_embed.supervisor.scheduler as sched_mod
+    now = [100.0]
+    monkeypatch.setattr(sched_mod.time, "monotonic", lambda: now[0])
+    s, t = scheduler()
+    for i in range(20):
+        queued(s, t, [f"{i}" + "x" * 4000])                  # 512 estimated tokens each: 8 per pass
+    w = worker()
+    s.assign([w])
+    [p1, p2] = list(s.passes[w.wid])
+    now[0] = 102.048
+    for seq in sorted(p1.seqs):
+        s.finished(w, seq)
+    assert s.sizer.s_per_token == pytest.approx(2.048 / p1.tokens)
+    assert s._pass_end[w.wid] == 102.048
