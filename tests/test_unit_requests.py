@@ -496,3 +496,15 @@ def test_finished_passes_teach_the_sizer_the_backend_speed(monkeypatch):
         s.finished(w, seq)
     assert s.sizer.s_per_token == pytest.approx(2.048 / p1.tokens)
     assert s._pass_end[w.wid] == 102.048
+
+
+def test_a_suspect_answered_meanwhile_is_not_rerun():
+    s, t = scheduler()
+    a, b = queued(s, t, ["a"]), queued(s, t, ["b"])
+    w = worker()
+    s.assign([w])
+    s.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    t.table.fail(a, Timeout("deadline"))
+    w2 = worker("m.2")
+    s.assign([w2])
+    assert [j.req for j in w2.inflight.values()] == [b] and w2.isolating
