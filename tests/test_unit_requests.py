@@ -415,6 +415,9 @@ def test_two_passes_per_worker_for_bulk_work_one_while_queries_are_around():
     w2 = worker()
     s2.assign([w2])
     assert len(s2.passes[w2.wid]) == 1 and len(w2.inflight) == 1    # the query's pass alone
+    queued(s2, t2, ["another query"])
+    s2.assign([w2])
+    assert len(s2.passes[w2.wid]) == 1 and len(w2.inflight) == 1    # nothing more until that pass ends
 
 
 def test_a_long_request_id_is_clipped_in_logs():
@@ -505,6 +508,10 @@ def test_a_suspect_answered_meanwhile_is_not_rerun():
     s.assign([w])
     s.rescue(w, "SIGKILL", planned=False, can_retry=True)
     t.table.fail(a, Timeout("deadline"))
+    c = queued(s, t, ["c"])
     w2 = worker("m.2")
     s.assign([w2])
-    assert [j.req for j in w2.inflight.values()] == [b] and w2.isolating
+    assert [j.req for j in w2.inflight.values()] == [b] and w2.isolating    # alone: c waits
+    w3 = worker("m.3")
+    s.assign([w2, w3])
+    assert [j.req for j in w2.inflight.values()] == [b] and [j.req for j in w3.inflight.values()] == [c]
