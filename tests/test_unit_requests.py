@@ -425,7 +425,8 @@ def test_a_long_request_id_is_clipped_in_logs():
     assert clip_id(7) == "7"
     long = clip_id("x" * 200)
     assert len(long) == 80 and long.endswith("...")
-    assert clip_id("y" * 78) == repr("y" * 78)
+    assert clip_id("y" * 78) == repr("y" * 78)              # 80 characters: kept whole
+    assert len(clip_id("y" * 79)) == 80                      # 81: clipped
 
 
 def test_handed_jobs_are_running_on_their_worker_and_a_rescue_forgets_the_worker():
