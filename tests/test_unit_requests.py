@@ -284,7 +284,7 @@ def test_no_retry_when_the_backend_no_longer_serves():
 def test_a_worker_never_holds_more_than_max_inflight_jobs():
     s, t = scheduler(max_inflight=2)
     for i in range(5):
-        queued(s, t, [f"t{i}"])
+        queued(s, t, [f"{i}" + "x" * 4000])          # bulk: two passes allowed, max_inflight is the limit
     w = worker()
     s.assign([w])
     assert len(w.inflight) == 2
@@ -292,7 +292,7 @@ def test_a_worker_never_holds_more_than_max_inflight_jobs():
     assert len(w.inflight) == 2                      # full: nothing more until it answers
     s.finished(w, next(iter(w.inflight)))
     s.assign([w])
-    assert len(w.inflight) <= 2 and s.waiting() >= 2
+    assert len(w.inflight) == 2 and s.waiting() == 2
 
 
 # ---- a request's record and the table's bookkeeping --------------------------------------------------
@@ -516,3 +516,30 @@ def test_a_suspect_answered_meanwhile_is_not_rerun():
     w3 = worker("m.3")
     s.assign([w2, w3])
     assert [j.req for j in w2.inflight.values()] == [b] and [j.req for j in w3.inflight.values()] == [c]
+
+
+def test_suspects_run_one_at_a_time_on_the_least_loaded_worker():
+    s2, t2 = scheduler()
+    x, y = queued(s2, t2, ["x"]), queued(s2, t2, ["y"])
+    w = worker("m.1")
+    s2.assign([w])
+    s2.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    z = queued(s2, t2, ["z"])
+    loaded, free = worker("m.2"), worker("m.3")
+    loaded.inflight[999] = s2.suspects[0]            # pretend it holds something already
+    s2.assign([loaded, free])
+    assert [j.req for j in free.inflight.values()] == [x] and free.isolating
+    assert [j.req for j in loaded.inflight.values()][1:] == [z]
+    other = worker("m.4")
+    s2.assign([free, other])                         # the lane is busy: y waits, no second lane
+    assert [j.req for j in s2.suspects] == [y] and not other.isolating
+
+
+def test_high_priority_queries_shorten_passes_further():
+    s, t = scheduler()
+    r = t.req(time.monotonic() + 60.0, ["q"])
+    s.admit(r, "normal")
+    assert s.sizer.interactive(time.monotonic()) and s.sizer.high_until == float("-inf")
+    r = t.req(time.monotonic() + 60.0, ["q"])
+    s.admit(r, "high")
+    assert s.sizer.high_until > time.monotonic()
