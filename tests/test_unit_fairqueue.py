@@ -116,3 +116,26 @@ def test_peer_tokens_follow_pushes_pops_and_dropped_units() -> None:
     a.answered = True
     assert q.pop().peer == b"x"          # pushed to the front of a new peer: first
     assert q.pop() is b and q.peer_tokens(b"p") == 0 and q.peer_tokens(b"nobody") == 0
+
+
+def test_default_patience_normal_after_10_high_low_after_20() -> None:
+    q: FairQueue[U] = FairQueue()
+    for i in range(50):
+        q.push(U(b"n", 10, NORMAL, "normal"))
+        q.push(U(b"l", 10, LOW, "low"))
+    order = []
+    for _ in range(60):
+        q.push(U(b"h", 10, HIGH, "high"))
+        order.append(q.pop().name)
+    # normal is passed over 10 times, then served; low after 20 units of the higher classes
+    served = [(i, n) for i, n in enumerate(order) if n != "high"][:3]
+    assert served == [(10, "normal"), (20, "low"), (22, "normal")]
+
+
+def test_only_answered_units_left_means_nothing_to_pop() -> None:
+    q: FairQueue[U] = FairQueue()
+    dead = [U(b"a", 10, NORMAL, "a"), U(b"b", 10, LOW, "b")]
+    for u in dead:
+        q.push(u)
+        u.answered = True
+    assert q.peek() is None and q.pop() is None and len(q) == 0
