@@ -120,7 +120,7 @@ def test_peer_tokens_follow_pushes_pops_and_dropped_units() -> None:
 
 def test_default_patience_normal_after_10_high_low_after_20() -> None:
     q: FairQueue[U] = FairQueue()
-    for i in range(50):
+    for _ in range(50):
         q.push(U(b"n", 10, NORMAL, "normal"))
         q.push(U(b"l", 10, LOW, "low"))
     order = []
