@@ -139,3 +139,11 @@ def test_only_answered_units_left_means_nothing_to_pop() -> None:
         q.push(u)
         u.answered = True
     assert q.peek() is None and q.pop() is None and len(q) == 0
+
+
+def test_peer_tokens_drop_by_each_popped_unit_while_the_peer_has_more() -> None:
+    q: FairQueue[U] = FairQueue()
+    for cost in (30, 20, 10):
+        q.push(U(b"p", cost))
+    assert q.pop().cost == 30 and q.peer_tokens(b"p") == 30
+    assert q.pop().cost == 20 and q.peer_tokens(b"p") == 10 and len(q) == 1
