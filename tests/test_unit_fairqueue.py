@@ -147,3 +147,15 @@ def test_peer_tokens_drop_by_each_popped_unit_while_the_peer_has_more() -> None:
         q.push(U(b"p", cost))
     assert q.pop().cost == 30 and q.peer_tokens(b"p") == 30
     assert q.pop().cost == 20 and q.peer_tokens(b"p") == 10 and len(q) == 1
+
+
+def test_a_peer_whose_queue_emptied_is_new_again_when_it_sends_more() -> None:
+    q: FairQueue[U] = FairQueue(quantum=512)
+    for i in range(50):
+        q.push(U(b"bulk", 300, name=f"b{i}"))
+    assert q.pop().name == "b0"
+    q.push(U(b"query", 10, name="q1"))
+    assert q.pop().name == "q1"
+    assert q.pop().name == "b1"
+    q.push(U(b"query", 10, name="q2"))
+    assert q.pop().name == "q2"
