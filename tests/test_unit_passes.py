@@ -66,3 +66,38 @@ def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
     assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=2)] == [b"q3", b"q4"]
     assert compose_pass(q, s, now=0.0, max_texts=16, max_units=0) == []   # the worker holds max_inflight
     assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=1)] == [b"q5"]
+
+
+def test_estimates_are_capped_at_512_by_default() -> None:
+    assert estimate_tokens("x" * 2036) == 511
+    assert estimate_tokens("x" * 2040) == 512
+    assert estimate_tokens("x" * 2044) == 512
+
+
+def test_passes_of_64_tokens_or_more_are_timed() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(63, 1.0)
+    assert s.s_per_token is None
+    s.observe(64, 0.64)
+    assert s.s_per_token == 0.01
+
+
+def test_high_priority_queries_use_the_shorter_pass() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0, high_latency_pass_ms=20)
+    s.observe(1000, 1.0)                       # 1 ms per token
+    s.note_interactive(0.0)
+    assert s.budget(0.0) == 40 and s.high_until == float("-inf")
+    s.note_interactive(0.0, high=True)
+    assert s.budget(0.0) == 20
+    assert s.budget(2.5) == 1000               # nothing seen for the window: full passes again
+    same = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0)
+    same.observe(1000, 1.0)
+    same.note_interactive(0.0, high=True)
+    assert same.budget(0.0) == 40              # no high_latency_pass_ms: the latency pass
+
+
+def test_an_empty_queue_composes_an_empty_pass() -> None:
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import compose_pass
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    assert compose_pass(FairQueue(), s, now=0.0, max_texts=16) == []
