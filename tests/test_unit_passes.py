@@ -85,7 +85,9 @@ def test_passes_of_64_tokens_or_more_are_timed() -> None:
 def test_high_priority_queries_use_the_shorter_pass() -> None:
     s = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0, high_latency_pass_ms=20)
     s.observe(1000, 1.0)                       # 1 ms per token
+    assert s.interactive(0.0) is False
     s.note_interactive(0.0)
+    assert s.interactive(1.9) is True and s.interactive(2.0) is False
     assert s.budget(0.0) == 40 and s.high_until == float("-inf")
     s.note_interactive(0.0, high=True)
     assert s.budget(0.0) == 20
