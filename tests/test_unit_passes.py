@@ -103,3 +103,9 @@ def test_an_empty_queue_composes_an_empty_pass() -> None:
     from akidb_embed.supervisor.passes import compose_pass
     s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
     assert compose_pass(FairQueue(), s, now=0.0, max_texts=16) == []
+
+
+def test_a_pass_timed_at_zero_seconds_teaches_nothing() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(100, 0.0)
+    assert s.s_per_token is None

@@ -543,3 +543,16 @@ def test_high_priority_queries_shorten_passes_further():
     r = t.req(time.monotonic() + 60.0, ["q"])
     s.admit(r, "high")
     assert s.sizer.high_until > time.monotonic()
+
+
+def test_the_suspects_lane_gets_no_new_work_while_it_is_busy():
+    s, t = scheduler()
+    a = queued(s, t, ["a"])
+    w1 = worker("m.1")
+    s.assign([w1])
+    s.rescue(w1, "SIGKILL", planned=False, can_retry=True)
+    busy = worker("m.2")
+    busy.inflight[999] = s.suspects[0]               # holds something: the suspect waits for it to be free
+    queued(s, t, ["b"])
+    s.assign([busy])
+    assert list(busy.inflight) == [999] and [j.req for j in s.suspects] == [a]
