@@ -139,6 +139,11 @@ def test_only_answered_units_left_means_nothing_to_pop() -> None:
         q.push(u)
         u.answered = True
     assert q.peek() is None and q.pop() is None and len(q) == 0
+    q2: FairQueue[U] = FairQueue()
+    late = U(b"a", 10, NORMAL, "a")
+    q2.push(late)
+    late.answered = True
+    assert q2.pop() is None and len(q2) == 0
 
 
 def test_peer_tokens_drop_by_each_popped_unit_while_the_peer_has_more() -> None:
@@ -150,7 +155,7 @@ def test_peer_tokens_drop_by_each_popped_unit_while_the_peer_has_more() -> None:
 
 
 def test_a_peer_whose_queue_emptied_is_new_again_when_it_sends_more() -> None:
-    q: FairQueue[U] = FairQueue(quantum=512)
+    q: FairQueue[U] = FairQueue(quantum=10_000)       # bulk keeps its turn: only the new-peer rule lets q2 in
     for i in range(50):
         q.push(U(b"bulk", 300, name=f"b{i}"))
     assert q.pop().name == "b0"

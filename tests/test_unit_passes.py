@@ -109,3 +109,37 @@ def test_a_pass_timed_at_zero_seconds_teaches_nothing() -> None:
     s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
     s.observe(100, 0.0)
     assert s.s_per_token is None
+
+
+def test_the_rate_is_a_weighted_mean_and_a_pass_holds_at_least_one_token() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(100, 1.0)
+    s.observe(100, 2.0)
+    assert abs(s.s_per_token - (0.8 * 0.01 + 0.2 * 0.02)) < 1e-12
+    s.observe(100, 1000.0)                     # very slow: the budget stays one token, not zero
+    s.note_interactive(0.0)
+    assert s.budget(0.0) == 1
+
+
+def test_a_pass_is_filled_up_to_its_budget_exactly() -> None:
+    from dataclasses import dataclass
+
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import compose_pass
+
+    @dataclass(eq=False)
+    class W:
+        peer: bytes
+        cost: int
+        n_texts: int = 1
+        interactive: bool = False
+        priority: int = 1
+
+        def alive(self) -> bool:
+            return True
+
+    s = PassSizer(max_batch_tokens=100, latency_pass_ms=30, interactive_window_s=2.0)
+    q: FairQueue[W] = FairQueue(quantum=10_000)
+    for _ in range(3):
+        q.push(W(b"p", 50))
+    assert len(compose_pass(q, s, now=0.0, max_texts=16)) == 2       # 50 + 50 == 100 fits

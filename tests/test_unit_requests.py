@@ -556,3 +556,15 @@ def test_the_suspects_lane_gets_no_new_work_while_it_is_busy():
     queued(s, t, ["b"])
     s.assign([busy])
     assert list(busy.inflight) == [999] and [j.req for j in s.suspects] == [a]
+
+
+def test_suspects_answered_meanwhile_no_longer_count_as_waiting():
+    s, t = scheduler()
+    a = queued(s, t, ["a"])
+    queued(s, t, ["b"])
+    w = worker()
+    s.assign([w])
+    s.rescue(w, "SIGKILL", planned=False, can_retry=True)
+    assert s.waiting() == 2
+    t.table.fail(a, Timeout("deadline"))
+    assert s.waiting() == 1
