@@ -143,3 +143,11 @@ def test_a_pass_is_filled_up_to_its_budget_exactly() -> None:
     for _ in range(3):
         q.push(W(b"p", 50))
     assert len(compose_pass(q, s, now=0.0, max_texts=16)) == 2       # 50 + 50 == 100 fits
+
+
+def test_the_high_priority_window_ends_before_the_query_window() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0, high_latency_pass_ms=20)
+    s.observe(1000, 1.0)
+    s.note_interactive(0.0, high=True)
+    s.note_interactive(1.0)
+    assert s.budget(1.99) == 20 and s.budget(2.0) == 40      # high ends at 2.0; queries stay around until 3.0
