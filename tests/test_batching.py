@@ -111,6 +111,7 @@ def test_each_request_gets_its_own_vectors_in_order(serve) -> None:
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a client thread is still running"
     assert not failures, failures[:5]
 
 
@@ -139,6 +140,7 @@ def test_async_client_many_requests_in_flight(serve) -> None:
 
 # ---- the bench command -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_mock_smoke(tmp_path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "bench", "--kind", "mock", "--requests", "50",

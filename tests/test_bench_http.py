@@ -7,6 +7,10 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 class OpenAIShaped(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from akidb_embed import AsyncClient, Client, ErrorCode, Timeout, UnknownBackend, WorkerDied
+from akidb_embed import AsyncClient, Client, EmbedError, ErrorCode, Timeout, UnknownBackend
 from akidb_embed.protocol.codec import blob_to_vectors
 from akidb_embed.protocol.messages import request_frame
 from akidb_embed.workers.backends.mock import mock_vector
@@ -222,12 +222,13 @@ def test_unknown_backend_is_refused_and_server_keeps_serving(serve):
 
 # ---- 6. a worker killed mid-request ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
     server = serve("""
         [backends.m]
         kind = "mock"
         dim = 8
-        delay_ms = 500
+        delay_ms = 2000
     """)
     [old_pid] = server.worker_pids("m")
     outcome: dict[str, object] = {}
@@ -235,22 +236,20 @@ def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
     def call() -> None:
         with server.client() as c:
             try:
-                outcome["vectors"] = c.embed(["victim"], timeout=15)
-            except WorkerDied as exc:
+                outcome["vectors"] = c.embed(["victim"], timeout=30)
+            except EmbedError as exc:
                 outcome["error"] = exc
 
     t = threading.Thread(target=call)
     t.start()
     # the request is in the worker once the status shows it in flight
-    poll_until(lambda: server.status()["backends"]["m"]["in_flight"] == 1, 5)
+    poll_until(lambda: server.status()["backends"]["m"]["in_flight"] == 1, 15)
     os.kill(old_pid, signal.SIGKILL)
-    t.join(20)
+    t.join(40)
     assert not t.is_alive()
-    assert outcome, "the request got no answer"
-    if "vectors" in outcome:
-        assert np.allclose(outcome["vectors"][0], expected("victim", 8), atol=1e-6)
-    else:
-        assert outcome["error"].retryable is True
+    # docs: a request whose worker dies is retried once, so one death costs nothing
+    assert "vectors" in outcome, outcome.get("error")
+    assert np.allclose(outcome["vectors"][0], expected("victim", 8), atol=1e-6)
 
     def replaced():
         b = server.status()["backends"]["m"]
@@ -264,6 +263,7 @@ def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
 
 # ---- 7. deadlines ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deadline_exceeded_then_next_request_works(serve):
     server = serve("""
         [backends.m]

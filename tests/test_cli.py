@@ -103,6 +103,7 @@ def test_info_table_and_json(server):
     assert "id" not in doc and "ok" not in doc
 
 
+@pytest.mark.slow
 def test_health_exit_codes_follow_backend_states(server):
     r = run("health", endpoint_env=server.endpoint)
     assert r.returncode == 0, r.stderr
@@ -150,6 +151,7 @@ def test_installed_script_and_client_error_exit(server):
     assert r.returncode == 0 and r.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 def test_no_server_is_a_clear_error(tmp_path: Path):
     endpoint = f"ipc://{tmp_path / 'nobody.sock'}"
     t0 = time.monotonic()

@@ -47,6 +47,16 @@ def backend(server, name: str) -> dict:
     return server.status()["backends"][name]
 
 
+async def until_in_flight(endpoint: str, name: str, n: int, timeout: float = 15.0) -> None:
+    """Wait (bounded) until the status shows at least n requests in the workers' hands."""
+    async with AsyncClient(endpoint) as c:
+        end = time.monotonic() + timeout
+        while (await c.status())["backends"][name]["in_flight"] < n:
+            if time.monotonic() > end:
+                pytest.fail(f"fewer than {n} requests reached the {name} workers within {timeout} s")
+            await asyncio.sleep(0.01)
+
+
 def codes(results) -> list[str]:
     return [r[0] for r in results]
 
@@ -60,24 +70,27 @@ def gone(pid: int) -> bool:
 
 # ---- a worker dies or stops ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_worker_mid_batch(serve):
     server = serve("""
         [backends.m]
         kind = "mock"
         dim = 8
-        delay_ms = 300
-        timeout_s = 15
+        delay_ms = 1000
+        timeout_s = 30
     """)
     [pid] = server.worker_pids("m")
 
     async def kill():
-        await asyncio.sleep(0.15)   # the first batch is inside embed, the rest wait in the worker
+        # the worker holds one pass of work at a time (issue 10), not all six at once: kill it while
+        # it holds its pass and the rest are queued in the supervisor
+        await until_in_flight(server.endpoint, "m", 1)
         os.kill(pid, signal.SIGKILL)
 
     results = run_concurrent(server.endpoint, [([f"text {i}"], {}) for i in range(6)], during=kill)
-    assert len(results) == 6
-    assert set(codes(results)) <= {"OK", "WORKER_DIED"}, results
-    assert codes(results).count("OK") >= 1, results
+    # docs: the requests a dead worker held are retried once (alone), the queued ones run as usual:
+    # one death costs none of them
+    assert codes(results) == ["OK"] * 6, results
     b = poll_until(lambda: (b := backend(server, "m"))["state"] == "READY" and b["pids"] != [pid] and b, 15)
     assert b["restarts"] == 1
     assert "killed by SIGKILL" in b["last_exit"], b["last_exit"]
@@ -85,6 +98,7 @@ def test_sigkill_worker_mid_batch(serve):
         assert c.embed(["after"]).shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_sigstop_worker_is_detected_killed_and_restarted(serve):
     server = serve("""
         [backends.m]
@@ -144,7 +158,8 @@ def test_poison_input_is_isolated_and_quarantined(serve):
         with pytest.raises(EmbedError) as err:
             c.embed(["POISON"])
         assert err.value.code.value == "POISON_INPUT"
-        assert time.monotonic() - t0 < 0.5                      # refused from the quarantine, not re-run
+        assert "refused for another" in err.value.message       # refused from the quarantine, not re-run
+        assert time.monotonic() - t0 < 10                       # at once, not after its 20 s deadline
         with pytest.raises(EmbedError) as err:                  # also inside a multi-text request
             c.embed(["fine", "POISON"])
         assert err.value.code.value == "POISON_INPUT"
@@ -154,6 +169,7 @@ def test_poison_input_is_isolated_and_quarantined(serve):
     assert server.status()["supervisor"]["quarantined"] == 1
 
 
+@pytest.mark.slow
 def test_poison_input_with_two_replicas_under_load(serve):
     """The suspect lane must stay free of other work while it re-runs a suspect, whichever worker it is."""
     server = serve("""
@@ -184,6 +200,7 @@ def test_poison_input_with_two_replicas_under_load(serve):
         poll_until(lambda: backend(server, "m")["state"] == "READY", 15)
 
 
+@pytest.mark.slow
 def test_hang_times_out_kills_worker_and_quarantines_the_input(serve):
     server = serve("""
         [backends.m]
@@ -209,7 +226,8 @@ def test_hang_times_out_kills_worker_and_quarantines_the_input(serve):
         with pytest.raises(EmbedError) as err:
             c.embed(["HANG"], timeout=5)
         assert err.value.code.value == "POISON_INPUT", err.value
-        assert time.monotonic() - t0 < 0.5
+        assert "refused for another" in err.value.message
+        assert time.monotonic() - t0 < 2.5                      # at once, not after its 5 s deadline
         assert c.embed(["later again"]).shape == (1, 8)
     assert backend(server, "m")["pids"] == b["pids"]
 
@@ -235,6 +253,7 @@ def test_fail_on_fails_only_that_request(serve):
 
 # ---- start-up failures ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_startup_crash_loop_fails_then_recovers_after_cooldown(serve, tmp_path):
     flag = tmp_path / "crash-at-startup"
     flag.write_text("x")
@@ -261,7 +280,7 @@ def test_startup_crash_loop_fails_then_recovers_after_cooldown(serve, tmp_path):
         t0 = time.monotonic()
         with pytest.raises(EmbedError) as err:
             c.embed(["x"], backend="m", timeout=10)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 5                        # at once, not after its 10 s deadline
         assert err.value.code.value == "BACKEND_UNAVAILABLE"
         assert "FAILED" in err.value.message and "exit code 3" in err.value.message, err.value.message
         assert c.embed(["x"], backend="other").shape == (1, 4)   # the other backend is unaffected
@@ -280,6 +299,7 @@ def _state(server, name: str) -> str:
 
 # ---- recycling ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_memory_leak_recycles_gracefully(serve):
     server = serve("""
         [backends.m]
@@ -306,6 +326,7 @@ def test_memory_leak_recycles_gracefully(serve):
     poll_until(lambda: gone(pid), 10)
 
 
+@pytest.mark.slow
 def test_max_requests_per_worker_replaces_worker(serve):
     server = serve("""
         [backends.m]
@@ -331,6 +352,7 @@ def test_max_requests_per_worker_replaces_worker(serve):
 
 # ---- overload -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
     server = serve("""
         [server]
@@ -349,18 +371,24 @@ def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
         dim = 8
     """)
     fast_latencies: list[float] = []
+    fast_errors: list[Exception] = []
     stop = threading.Event()
 
     def fast_client():
-        with server.client() as c:
-            while not stop.is_set() or len(fast_latencies) < 20:
-                t0 = time.monotonic()
-                c.embed(["quick"], backend="fast")
-                fast_latencies.append(time.monotonic() - t0)
-                time.sleep(0.01)
+        try:
+            with server.client() as c:
+                for _ in range(5000):          # bounded; ends once the flood is over and 20 were timed
+                    if stop.is_set() and len(fast_latencies) >= 20:
+                        break
+                    t0 = time.monotonic()
+                    c.embed(["quick"], backend="fast", timeout=30)
+                    fast_latencies.append(time.monotonic() - t0)
+                    time.sleep(0.01)
+        except Exception as exc:  # reported in the main thread
+            fast_errors.append(exc)
 
     async def flood_running():
-        await asyncio.sleep(0.05)
+        await until_in_flight(server.endpoint, "slow", 1)
 
     t = threading.Thread(target=fast_client)
     t.start()
@@ -370,18 +398,24 @@ def test_flood_past_max_queue_is_refused_fast_and_isolated(serve):
     finally:
         stop.set()
         t.join(30)
+    assert not t.is_alive() and not fast_errors, fast_errors
     assert len(results) == 50                          # none lost
     overloaded = [r for r in results if r[0] == "OVERLOADED"]
     ok = [r for r in results if r[0] == "OK"]
     assert len(ok) + len(overloaded) == 50, results
     assert len(overloaded) >= 30 and len(ok) >= 6, (len(ok), len(overloaded))
-    assert max(r[1] for r in overloaded) < 1.0         # refused at once, long before the 30 s deadline
+    assert max(r[1] for r in overloaded) < 5.0         # refused at once, long before the 30 s deadline
     assert "max_queue" in overloaded[0][2]
-    assert statistics.median(fast_latencies) < 0.1, sorted(fast_latencies)
+    # the fast backend is not stuck behind the slow one: the accepted slow requests needed at least
+    # 6 x 0.2 s in all, a fast one's median answer is a small fraction of that (order of magnitude)
+    slow_ok = sorted(r[1] for r in ok)
+    assert slow_ok[-1] >= 1.2, slow_ok
+    assert statistics.median(fast_latencies) < slow_ok[-1] / 4, (sorted(fast_latencies), slow_ok)
 
 
 # ---- the supervisor itself ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(serve):
     server = serve("""
         [supervisor]
@@ -398,7 +432,7 @@ def test_sigterm_drains_in_flight_requests(serve):
     assert len(children) == 2
 
     async def sigterm():
-        await asyncio.sleep(0.15)
+        await until_in_flight(server.endpoint, "m", 1)
         server.proc.send_signal(signal.SIGTERM)
 
     t0 = time.monotonic()

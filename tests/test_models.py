@@ -215,7 +215,8 @@ def test_concurrent_exports_run_once(tmp_path: Path, cache: Path, monkeypatch: p
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
     assert len(calls) == 1 and len(set(results)) == 1
     assert results[0].parent.parent.parent == cache and results[0].name == "model.onnx"
 

@@ -60,6 +60,7 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(20)
+        assert not any(t.is_alive() for t in self._threads), "a load thread is still running"
 
 
 def backend(server, name: str) -> dict:
@@ -96,7 +97,7 @@ def test_stop_and_start_one_backend(serve):
         with pytest.raises(EmbedError) as err:
             c.embed(["x"], backend="a")
         assert err.value.code.value == "BACKEND_UNAVAILABLE" and "stopped" in err.value.message
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 5        # refused at once, not after a deadline (order of magnitude)
         assert c.embed(["x"], backend="b").shape == (1, 4)          # the other backend keeps serving
         assert c.health()["status"] == "degraded"
         poll_until(lambda: backend(server, "a")["pids"] == [], 10)  # its worker drained and exited
@@ -127,6 +128,7 @@ def test_rolling_restart_under_load_loses_nothing(serve, replicas):
     assert all(w["state"] == "READY" for w in b["workers"])
 
 
+@pytest.mark.slow
 def test_cli_status_restart_stop_start(serve):
     server = serve(TWO_BACKENDS.format(replicas=1))
     [old] = server.worker_pids("a")

@@ -10,8 +10,12 @@ from akidb_embed.protocol.errors import EmbedError, ErrorCode
 
 
 def test_public_names_resolve():
+    # the names the README uses, each the object it documents
+    from akidb_embed.client import AsyncClient, Client, EmbedResult
+    assert (akidb_embed.Client, akidb_embed.AsyncClient, akidb_embed.EmbedResult) == (Client, AsyncClient, EmbedResult)
+    assert akidb_embed.EmbedError is EmbedError and akidb_embed.ErrorCode is ErrorCode
     for name in akidb_embed.__all__:
-        assert getattr(akidb_embed, name) is not None, name
+        assert hasattr(akidb_embed, name), name
     # every error code has its exception class exported
     exported = {getattr(akidb_embed, n).code for n in akidb_embed.__all__
                 if isinstance(getattr(akidb_embed, n), type) and issubclass(getattr(akidb_embed, n), EmbedError)

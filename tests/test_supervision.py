@@ -104,6 +104,7 @@ def test_failed_replacement_leaves_the_old_worker_serving_and_is_retried(serve, 
 
 # ---- 3. hang detection on what the worker actually runs -------------------------------------------------
 
+@pytest.mark.slow   # a multi-second fault scenario
 def test_tiny_deadline_behind_a_long_batch_does_not_kill_the_worker(serve):
     server = serve("""
         [backends.m]
@@ -129,6 +130,7 @@ def test_tiny_deadline_behind_a_long_batch_does_not_kill_the_worker(serve):
     assert backend(server)["restarts"] == 0
 
 
+@pytest.mark.slow   # a multi-second fault scenario
 def test_hang_inside_a_batch_of_requests_is_found_and_quarantined(serve):
     server = serve("""
         [backends.m]
@@ -440,6 +442,7 @@ def test_requests_made_while_no_server_listens_fail_and_are_never_computed(group
         client.close()
 
 
+@pytest.mark.slow   # a multi-second fault scenario
 def test_async_calls_on_a_killed_server_fail_fast(group_server):
     from akidb_embed import AsyncClient, ServerUnavailable
     server = group_server(MOCK_SLOW)

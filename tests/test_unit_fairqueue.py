@@ -39,7 +39,7 @@ def test_a_new_peer_with_one_small_unit_goes_before_a_backlogged_peer() -> None:
 
 def test_backlogged_peers_share_tokens_not_requests() -> None:
     q: FairQueue[U] = FairQueue(quantum=100)
-    for _i in range(50):
+    for _ in range(50):
         q.push(U(b"big", 100, name="big"))
         q.push(U(b"small", 10, name="small"))
     order = drain(q, 40)
@@ -54,7 +54,7 @@ def test_priority_order_high_normal_low() -> None:
     q.push(U(b"b", 10, NORMAL, "normal"))
     q.push(U(b"c", 10, HIGH, "high"))
     assert drain(q) == ["high", "normal", "low"]
-    for _i in range(3):
+    for _ in range(3):
         for name, prio in (("low", LOW), ("normal", NORMAL), ("high", HIGH)):
             q.push(U(name.encode(), 10, prio, name))
     assert drain(q) == ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
@@ -116,3 +116,51 @@ def test_peer_tokens_follow_pushes_pops_and_dropped_units() -> None:
     a.answered = True
     assert q.pop().peer == b"x"          # pushed to the front of a new peer: first
     assert q.pop() is b and q.peer_tokens(b"p") == 0 and q.peer_tokens(b"nobody") == 0
+
+
+def test_default_patience_normal_after_10_high_low_after_20() -> None:
+    q: FairQueue[U] = FairQueue()
+    for _ in range(50):
+        q.push(U(b"n", 10, NORMAL, "normal"))
+        q.push(U(b"l", 10, LOW, "low"))
+    order = []
+    for _ in range(60):
+        q.push(U(b"h", 10, HIGH, "high"))
+        order.append(q.pop().name)
+    # normal is passed over 10 times, then served; low after 20 units of the higher classes
+    served = [(i, n) for i, n in enumerate(order) if n != "high"][:3]
+    assert served == [(10, "normal"), (20, "low"), (22, "normal")]
+
+
+def test_only_answered_units_left_means_nothing_to_pop() -> None:
+    q: FairQueue[U] = FairQueue()
+    dead = [U(b"a", 10, NORMAL, "a"), U(b"b", 10, LOW, "b")]
+    for u in dead:
+        q.push(u)
+        u.answered = True
+    assert q.peek() is None and q.pop() is None and len(q) == 0
+    q2: FairQueue[U] = FairQueue()
+    late = U(b"a", 10, NORMAL, "a")
+    q2.push(late)
+    late.answered = True
+    assert q2.pop() is None and len(q2) == 0
+
+
+def test_peer_tokens_drop_by_each_popped_unit_while_the_peer_has_more() -> None:
+    q: FairQueue[U] = FairQueue()
+    for cost in (30, 20, 10):
+        q.push(U(b"p", cost))
+    assert q.pop().cost == 30 and q.peer_tokens(b"p") == 30
+    assert q.pop().cost == 20 and q.peer_tokens(b"p") == 10 and len(q) == 1
+
+
+def test_a_peer_whose_queue_emptied_is_new_again_when_it_sends_more() -> None:
+    q: FairQueue[U] = FairQueue(quantum=10_000)       # bulk keeps its turn: only the new-peer rule lets q2 in
+    for i in range(50):
+        q.push(U(b"bulk", 300, name=f"b{i}"))
+    assert q.pop().name == "b0"
+    q.push(U(b"query", 10, name="q1"))
+    assert q.pop().name == "q1"
+    assert q.pop().name == "b1"
+    q.push(U(b"query", 10, name="q2"))
+    assert q.pop().name == "q2"

@@ -50,3 +50,64 @@ def test_parts_with_different_shapes_are_an_internal_error() -> None:
     b = embed_response(5, np.zeros((1, 3), np.float32), dtype="float32", backend="b", model="m", truncated=0)
     out = unpack(assemble_embed_parts(5, [a, b]))
     assert out["ok"] is False and out["error"]["code"] == "INTERNAL"
+
+
+# ---- cutting a request into jobs (supervisor/jobs.py) ---------------------------------------------
+
+def test_part_bounds_fill_each_part_up_to_the_limit_exactly() -> None:
+    from akidb_embed.supervisor.jobs import part_bounds
+    assert part_bounds([5, 5, 5, 5], 10) == [(0, 2), (2, 4)]          # 5 + 5 == 10 still fits
+    assert part_bounds([5, 5, 6, 5], 10) == [(0, 2), (2, 3), (3, 4)]
+    assert part_bounds([30, 1], 10) == [(0, 1), (1, 2)]               # an oversized text is a part alone
+    assert part_bounds([3], 10) == [(0, 1)]
+
+
+def _request(texts: list[str]):
+    from akidb_embed.supervisor.events import Events
+    from akidb_embed.supervisor.requests import RequestTable
+    table = RequestTable(lambda route, frame: None, Events())
+    return table.create([b"peer"], 7, request_frame(7, "embed", texts=texts), texts, "m", 10.0, 0.0)
+
+
+def test_a_request_within_one_part_is_one_job_carrying_the_client_frame() -> None:
+    from akidb_embed.supervisor.jobs import make_jobs
+    from akidb_embed.supervisor.passes import estimate_tokens
+    texts = ["a" * 36] * 4                                    # 11 estimated tokens each: 44 in all
+    assert sum(estimate_tokens(t) for t in texts) == 44
+    req = _request(texts)
+    [job] = make_jobs(req, 44, 1, 0, 256)
+    assert job.frame == req.frame and job.texts == texts and job.cost == 44 and req.parts is None
+    assert job.deadline == req.deadline and job.priority == 1
+
+
+def test_a_larger_request_is_cut_into_parts_in_order() -> None:
+    from akidb_embed.supervisor.jobs import make_jobs
+    texts = [f"{i:02d}" + "a" * 34 for i in range(4)]            # 11 estimated tokens each
+    req = _request(texts)
+    jobs = make_jobs(req, 43, 1, 0, 256)
+    assert [j.texts for j in jobs] == [texts[:3], texts[3:]]
+    assert [j.index for j in jobs] == [0, 1] and [j.cost for j in jobs] == [33, 11]
+    assert [unpack(j.frame)["texts"] for j in jobs] == [texts[:3], texts[3:]]
+    assert req.parts == [None, None] and req.parts_left == 2
+    assert len({j.seq for j in jobs}) == 2
+
+
+def test_a_single_long_text_is_never_cut_and_queries_are_small_requests_of_quiet_clients() -> None:
+    from akidb_embed.supervisor.jobs import make_jobs
+    [job] = make_jobs(_request(["x" * 4000]), 10, 1, 0, 256)
+    assert job.cost == 512 and job.interactive is False
+    assert make_jobs(_request(["a" * 36]), 128, 1, 245, 256)[0].interactive is True     # 11 + 245 == 256
+    assert make_jobs(_request(["a" * 36]), 128, 1, 246, 256)[0].interactive is False
+
+
+def test_one_part_is_its_own_answer_and_a_count_missing_from_a_part_counts_zero() -> None:
+    v = np.ones((2, 3), dtype=np.float32)
+    one = unpack(assemble_embed_parts(5, [embed_response(9, v, dtype="float32", backend="b", model="m", truncated=2)]))
+    assert one["id"] == 5 and one["shape"] == [2, 3] and one["truncated"] == 2
+    with_count = embed_response(9, v, dtype="float32", backend="b", model="m", truncated=2)
+    without = unpack(embed_response(9, v, dtype="float32", backend="b", model="m", truncated=0))
+    without.pop("truncated", None)
+    out = unpack(assemble_embed_parts(5, [with_count, pack(without)]))
+    assert out["truncated"] == 2 and out["shape"] == [4, 3]
+    out = unpack(assemble_embed_parts(5, [pack(without), pack(without)]))
+    assert "truncated" not in out                         # a count no part reported is not made up

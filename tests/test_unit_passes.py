@@ -60,6 +60,97 @@ def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
     got = compose_pass(q, s, now=0.0, max_texts=16)
     assert [w.peer for w in got] == [b"q1", b"q2"]                       # new peers first, queries together
     assert all(not w.interactive for w in compose_pass(q, s, now=0.0, max_texts=16))
+    q.push(W(b"q3", 5, 1, True))
+    q.push(W(b"q4", 5, 1, True))
+    q.push(W(b"q5", 5, 1, True))
+    assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=2)] == [b"q3", b"q4"]
+    assert compose_pass(q, s, now=0.0, max_texts=16, max_units=0) == []   # the worker holds max_inflight
+    assert [w.peer for w in compose_pass(q, s, now=0.0, max_texts=16, max_units=1)] == [b"q5"]
+
+
+def test_estimates_are_capped_at_512_by_default() -> None:
+    assert estimate_tokens("x" * 2036) == 511
+    assert estimate_tokens("x" * 2040) == 512
+    assert estimate_tokens("x" * 2044) == 512
+
+
+def test_passes_of_64_tokens_or_more_are_timed() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(63, 1.0)
+    assert s.s_per_token is None
+    s.observe(64, 0.64)
+    assert s.s_per_token == 0.01
+
+
+def test_high_priority_queries_use_the_shorter_pass() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0, high_latency_pass_ms=20)
+    s.observe(1000, 1.0)                       # 1 ms per token
+    assert s.interactive(0.0) is False
+    s.note_interactive(0.0)
+    assert s.interactive(1.9) is True and s.interactive(2.0) is False
+    assert s.budget(0.0) == 40 and s.high_until == float("-inf")
+    s.note_interactive(0.0, high=True)
+    assert s.budget(0.0) == 20
+    assert s.budget(2.5) == 1000               # nothing seen for the window: full passes again
+    same = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0)
+    same.observe(1000, 1.0)
+    same.note_interactive(0.0, high=True)
+    assert same.budget(0.0) == 40              # no high_latency_pass_ms: the latency pass
+
+
+def test_an_empty_queue_composes_an_empty_pass() -> None:
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import compose_pass
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    assert compose_pass(FairQueue(), s, now=0.0, max_texts=16) == []
+
+
+def test_a_pass_timed_at_zero_seconds_teaches_nothing() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(100, 0.0)
+    assert s.s_per_token is None
+
+
+def test_the_rate_is_a_weighted_mean_and_a_pass_holds_at_least_one_token() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
+    s.observe(100, 1.0)
+    s.observe(100, 2.0)
+    assert abs(s.s_per_token - (0.8 * 0.01 + 0.2 * 0.02)) < 1e-12
+    s.observe(100, 1000.0)                     # very slow: the budget stays one token, not zero
+    s.note_interactive(0.0)
+    assert s.budget(0.0) == 1
+
+
+def test_a_pass_is_filled_up_to_its_budget_exactly() -> None:
+    from dataclasses import dataclass
+
+    from akidb_embed.supervisor.fairqueue import FairQueue
+    from akidb_embed.supervisor.passes import compose_pass
+
+    @dataclass(eq=False)
+    class W:
+        peer: bytes
+        cost: int
+        n_texts: int = 1
+        interactive: bool = False
+        priority: int = 1
+
+        def alive(self) -> bool:
+            return True
+
+    s = PassSizer(max_batch_tokens=100, latency_pass_ms=30, interactive_window_s=2.0)
+    q: FairQueue[W] = FairQueue(quantum=10_000)
+    for _ in range(3):
+        q.push(W(b"p", 50))
+    assert len(compose_pass(q, s, now=0.0, max_texts=16)) == 2       # 50 + 50 == 100 fits
+
+
+def test_the_high_priority_window_ends_before_the_query_window() -> None:
+    s = PassSizer(max_batch_tokens=1000, latency_pass_ms=40, interactive_window_s=2.0, high_latency_pass_ms=20)
+    s.observe(1000, 1.0)
+    s.note_interactive(0.0, high=True)
+    s.note_interactive(1.0)
+    assert s.budget(1.99) == 20 and s.budget(2.0) == 40      # high ends at 2.0; queries stay around until 3.0
 
 
 def test_bulk_window_sorts_by_length_and_stops_at_a_query_or_another_priority() -> None:

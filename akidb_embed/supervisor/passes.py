@@ -81,10 +81,14 @@ class Work(Protocol):
 W = TypeVar("W", bound=Work)
 
 
-def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: int) -> list[W]:
+def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: int,
+                 max_units: int = 1 << 30) -> list[W]:
     """The units of the next pass, in the queue's order. A pass holds one kind of work: queries
     together (up to the efficient size: they are all waited for), or bulk work sized by
-    :meth:`PassSizer.budget`; the first unit of the other kind ends it, and runs next."""
+    :meth:`PassSizer.budget`; the first unit of the other kind ends it, and runs next. At most
+    ``max_units`` units (what the worker may still hold under ``max_inflight``)."""
+    if max_units < 1:
+        return []
     first = queue.pop()
     if first is None:
         return []
@@ -93,7 +97,7 @@ def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: i
     while True:
         nxt = queue.peek()
         if (nxt is None or nxt.interactive != first.interactive or tokens + nxt.cost > budget
-                or texts + nxt.n_texts > max_texts):
+                or texts + nxt.n_texts > max_texts or len(units) >= max_units):
             return units
         queue.pop()
         units.append(nxt)

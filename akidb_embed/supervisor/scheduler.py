@@ -91,13 +91,13 @@ class Scheduler:
         for w in ready:
             if w is not lane and not w.isolating:
                 if not self.passes.get(w.wid) and len(w.inflight) < self.cfg.max_inflight:
-                    jobs = self._next_pass(now)
+                    jobs = self._next_pass(now, self.cfg.max_inflight - len(w.inflight))
                     if not jobs:
                         return outbox
                     self._hand(w, jobs, now, outbox)
         return outbox
 
-    def _next_pass(self, now: float) -> list[Job]:
+    def _next_pass(self, now: float, max_units: int) -> list[Job]:
         """Queries and higher priorities first; bulk work in length-sorted passes planned a few ahead
         while no query is around; otherwise one pass sized for the queries' sake."""
         if self.staged and self.sizer.interactive(now):
@@ -114,13 +114,20 @@ class Scheduler:
             if nxt is not None and (nxt.interactive or nxt.priority < jobs[0].priority):
                 break
             self.staged.popleft()
-            return jobs
+            return self._at_most(jobs, max_units)
         if nxt is not None and not nxt.interactive and not self.sizer.interactive(now):
             self.staged.extend(plan_bulk_window(self.queue, self.cfg.max_batch_size, self.cfg.max_batch_tokens,
                                                 BULK_WINDOW_PASSES))
             if self.staged:
-                return self.staged.popleft()
-        return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size)
+                return self._at_most(self.staged.popleft(), max_units)
+        return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size, max_units)
+
+    def _at_most(self, jobs: list[Job], max_units: int) -> list[Job]:
+        """A planned pass cut to what the worker may still hold (max_inflight); the rest goes next."""
+        if len(jobs) > max_units:
+            self.staged.appendleft(jobs[max_units:])
+            return jobs[:max_units]
+        return jobs
 
     def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
         for job in jobs:

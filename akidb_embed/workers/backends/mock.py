@@ -5,7 +5,8 @@ Options (all optional): ``dim`` (384), ``delay_ms`` (per batch), ``startup_delay
 file exists, so a test can end a crash loop by deleting it), ``load_fail_file`` (a path: load reports a
 failure, as a missing model would, while that file exists), ``crash_on`` (a text that kills the process abruptly),
 ``hang_on`` (a text that blocks embed forever), ``fail_on`` (a text answered with an error),
-``leak_mb_per_request`` (memory kept per embed call), ``max_tokens`` (512).
+``leak_mb_per_request`` (memory kept per embed call), ``max_tokens`` (512), ``ignore_sigterm``
+(the worker ignores SIGTERM, so only SIGKILL ends it).
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class MockBackend(Backend):
         self._leak: list[bytearray] = []
 
     def load(self) -> ModelInfo:
+        if self.options.get("ignore_sigterm"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         startup_delay = float(self.options.get("startup_delay_ms", 0)) / 1000.0
         if startup_delay:
             time.sleep(startup_delay)
