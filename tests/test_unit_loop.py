@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from akidb_embed.workers.request_options import ModelLimits
+
 from akidb_embed.protocol import codec, messages
 from akidb_embed.protocol.errors import InternalError
 from akidb_embed.workers import loop as loop_mod
@@ -33,9 +35,9 @@ class CountingMock(MockBackend):
         self.calls: list[list[str]] = []
         self.clock = clock
 
-    def embed(self, texts):
+    def embed(self, texts, truncate="end"):
         self.calls.append(list(texts))
-        out = super().embed(texts)
+        out = super().embed(texts, truncate)
         if self.clock is not None:
             self.clock[0] += 10.0          # each forward pass takes 10 (fake) seconds
         return out
@@ -67,6 +69,7 @@ def make_worker(tmp_path, backend, max_batch_size=16, max_batch_tokens=4096) -> 
     w.sock = FakeSock()
     w.backend = backend
     w.info = backend.load()
+    w.limits = ModelLimits.from_info(w.info, {})    # what Worker.run sets up after the model loads
     return w, w.sock
 
 
@@ -165,7 +168,7 @@ def test_an_embed_error_from_the_backend_keeps_its_code(tmp_path, clock):
     from akidb_embed.protocol.errors import BadRequest
 
     class Picky(CountingMock):
-        def embed(self, texts):
+        def embed(self, texts, truncate="end"):
             raise BadRequest("cannot embed this")
     w, sock = make_worker(tmp_path, Picky({"dim": DIM}))
     w._process([job(1, ["a"], 2000.0)])
@@ -176,7 +179,7 @@ def test_an_embed_error_from_the_backend_keeps_its_code(tmp_path, clock):
 
 def test_a_non_embed_error_from_the_backend_is_internal(tmp_path, clock):
     class Broken(CountingMock):
-        def embed(self, texts):
+        def embed(self, texts, truncate="end"):
             raise RuntimeError("segfault-ish")
     w, sock = make_worker(tmp_path, Broken({"dim": DIM}))
     w._process([job(1, ["a"], 2000.0)])
@@ -194,8 +197,8 @@ def test_truncated_inputs_are_counted_per_request(tmp_path, clock):
 
 def test_truncated_count_without_row_flags_from_a_single_owner(tmp_path, clock):
     class NoRows(CountingMock):
-        def embed(self, texts):
-            out = super().embed(texts)
+        def embed(self, texts, truncate="end"):
+            out = super().embed(texts, truncate)
             return EmbedOutput(out.vectors, out.truncated, None)
     w, sock = make_worker(tmp_path, NoRows({"dim": DIM, "max_tokens": 2}), max_batch_size=2)
     w._process([job(1, ["a b c", "d e f"], 2000.0), job(2, ["g h i j"], 2000.0)])   # two passes, one owner each
@@ -205,7 +208,7 @@ def test_truncated_count_without_row_flags_from_a_single_owner(tmp_path, clock):
 
 def test_token_length_failure_falls_back_to_an_estimate(tmp_path, clock):
     class NoLengths(CountingMock):
-        def token_lengths(self, texts):
+        def token_counts(self, texts):
             raise InternalError("no tokenizer")
     w, sock = make_worker(tmp_path, NoLengths({"dim": DIM}))
     w._process([job(1, ["a"], 2000.0)])
