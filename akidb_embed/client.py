@@ -111,6 +111,10 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self._call("status", QUERY_WAIT_S)
 
+    def metrics(self) -> str:
+        """Prometheus text exposition of the supervisor's metrics."""
+        return str(self._call("metrics", QUERY_WAIT_S)["text"])
+
     def restart(self, backend: str) -> dict[str, Any]:
         return self._call("restart", QUERY_WAIT_S, backend=backend)
 
@@ -201,6 +205,10 @@ class AsyncClient:
 
     async def status(self) -> dict[str, Any]:
         return await self._call("status", QUERY_WAIT_S)
+
+    async def metrics(self) -> str:
+        """Prometheus text exposition of the supervisor's metrics."""
+        return str((await self._call("metrics", QUERY_WAIT_S))["text"])
 
     async def restart(self, backend: str) -> dict[str, Any]:
         return await self._call("restart", QUERY_WAIT_S, backend=backend)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 MAX_TEXTS_PER_REQUEST = 4096
 
-OPS = ("embed", "info", "health", "status", "restart", "stop", "start")
+OPS = ("embed", "info", "health", "status", "metrics", "restart", "stop", "start")
 CONTROL_OPS = ("restart", "stop", "start")
 
 
@@ -38,7 +38,7 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """``info``, ``health`` and ``status``: no arguments."""
+    """``info``, ``health``, ``status`` and ``metrics``: no arguments."""
     id: Any
     op: str
 
@@ -164,15 +164,41 @@ class WorkerMsg:
     READY = "ready"      # worker -> sup: [header{t, wid, pid, info}]
     FAIL = "fail"        # worker -> sup: [header{t, wid, pid, error}]: could not load; exits next
     HEARTBEAT = "hb"     # worker -> sup: [header{t, wid, pid, busy}] every heartbeat interval
-    DONE = "done"        # worker -> sup: [header{t, seq, code}, client response frame]
+    DONE = "done"        # worker -> sup: [header{t, seq, code[, tokens][, runs]}, client response frame]
 
 
 def embed_job(seq: int, deadline: float, client_frame: bytes) -> list[bytes]:
     return [pack({"t": WorkerMsg.EMBED, "seq": seq, "deadline": deadline}), client_frame]
 
 
-def done_msg(seq: int, code: str | None, response: bytes) -> list[bytes]:
-    return [pack({"t": WorkerMsg.DONE, "seq": seq, "code": code}), response]
+MAX_RUNS_PER_DONE = 1024   # forward passes one done header may report
+
+
+def done_msg(seq: int, code: str | None, response: bytes, *, tokens: int | None = None,
+             runs: list[list[float]] | None = None) -> list[bytes]:
+    """``tokens``: the request's tokens; ``runs``: [texts, tokens, seconds] per forward pass since the last done."""
+    header: dict[str, Any] = {"t": WorkerMsg.DONE, "seq": seq, "code": code}
+    if tokens is not None:
+        header["tokens"] = tokens
+    if runs:
+        header["runs"] = runs
+    return [pack(header), response]
+
+
+def done_stats(header: dict[str, Any]) -> tuple[int | None, list[tuple[int, int, float]]]:
+    """The validated ``tokens`` and ``runs`` of a done header (absent or malformed values are dropped)."""
+    tokens = header.get("tokens")
+    if type(tokens) is not int or tokens < 0:
+        tokens = None
+    runs = []
+    raw = header.get("runs")
+    if isinstance(raw, list):
+        for run in raw[:MAX_RUNS_PER_DONE]:
+            if (isinstance(run, list) and len(run) == 3 and type(run[0]) is int and type(run[1]) is int
+                    and isinstance(run[2], (int, float)) and not isinstance(run[2], bool)
+                    and run[0] >= 0 and run[1] >= 0 and 0.0 <= run[2] < 1e6):
+                runs.append((run[0], run[1], float(run[2])))
+    return tokens, runs
 
 
 def worker_header(t: str, **fields: Any) -> bytes:

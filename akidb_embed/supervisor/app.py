@@ -18,13 +18,14 @@ import zmq
 
 from akidb_embed import __version__
 from akidb_embed.protocol.errors import (
-    BadRequest, EmbedError, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
+    BadRequest, EmbedError, ErrorCode, InternalError, PoisonInput, ShuttingDown, Timeout, UnknownBackend,
 )
 from akidb_embed.protocol.messages import (
-    ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, embed_job, error_response,
+    ControlRequest, EmbedRequest, QueryRequest, RequestError, WorkerMsg, done_stats, embed_job, error_response,
     ok_response, parse_header, parse_request, worker_header,
 )
 from akidb_embed.supervisor.config import Config, ConfigError
+from akidb_embed.supervisor.events import BatchRun, Events, RequestAnswered
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -35,15 +36,22 @@ TICK_S = 0.2             # housekeeping period: liveness, draining, memory (sche
 MAX_MESSAGE_BYTES = 64 * 2**20
 COALESCE_PENDING = 16    # with at least this many requests pending ...
 COALESCE_S = 0.002       # ... wait this long before polling, to handle frames in bulk
+METRICS_REFRESH_S = 1.0  # how old the gauges served by the [metrics] listener may be
 
 
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = _make_metrics(config)   # first: it may refuse the config
         self.ctx = zmq.Context()
         self._rundir = Path(tempfile.mkdtemp(prefix="akidb-embed-"))
         self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
         self.quarantine = Quarantine()
+        self.events = Events()
+        if self.metrics is not None:
+            self.events.subscribe(self.metrics)
+        self.metrics_address: tuple[str, int] | None = None
+        self._metrics_refresh_at = 0.0
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
         self.deadlines = DeadlineHeap()
         self.pending: dict[int, Pending] = {}
@@ -140,11 +148,29 @@ class Supervisor:
         p.answered = True
         self.pending.pop(p.seq, None)
         self._reply(p.route, error_response(p.rid, err))
+        self._answered(p, err.code.value, None)
+
+    def _answered(self, p: Pending, code: str | None, tokens: int | None) -> None:
+        """Events hook at every answer of an accepted request (errors here, results in _on_done)."""
+        now = time.monotonic()
+        first = p.handed_first or now
+        run = now - p.handed_last if p.handed_last else 0.0
+        self.events.emit(RequestAnswered(p.backend, code, len(p.texts), tokens, first - p.arrived, run,
+                                         now - p.arrived))
+
+    def _refused(self, req: Any, err: EmbedError) -> None:
+        """Events hook for an embed request answered at once, before it was accepted (or unparseable)."""
+        if req is None or isinstance(req, EmbedRequest):
+            backend = "" if req is None or err.code is ErrorCode.UNKNOWN_BACKEND else (
+                req.backend or self.config.default_backend)
+            texts = len(req.texts) if req is not None else 0
+            self.events.emit(RequestAnswered(backend, err.code.value, texts, None, 0.0, 0.0, 0.0))
 
     # ---- run ------------------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain and stop. Returns the process exit code."""
         self._bind()
+        self._serve_metrics()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         log.info("supervisor listening: endpoint=%s backends=%s config=%s pid=%d", self.config.endpoint,
@@ -191,6 +217,9 @@ class Supervisor:
                 wall, now = time.time(), time.monotonic()
                 for pool in self.pools.values():
                     pool.tick(now, wall)
+                if self.metrics_address is not None and now >= self._metrics_refresh_at:
+                    self._metrics_refresh_at = now + METRICS_REFRESH_S
+                    self.metrics.refresh(self._op_status())   # the listener thread reads this snapshot
                 next_tick = now + TICK_S
 
     def _handle_events(self, events: dict[Any, int]) -> None:
@@ -238,8 +267,10 @@ class Supervisor:
         except RequestError as exc:
             log.warning("bad request: %s", exc.message)
             self._reply(route, error_response(exc.request_id, exc))
+            self._refused(None, exc)
         except EmbedError as exc:
             self._reply(route, error_response(getattr(req, "id", None), exc))
+            self._refused(req, exc)
         except Exception as exc:  # a bug must cost one request, never the supervisor
             log.exception("internal error while handling a request")
             self._reply(route, error_response(None, InternalError(f"{type(exc).__name__}: {exc}")))
@@ -266,7 +297,7 @@ class Supervisor:
                    pool.cfg.timeout_s or pool.cfg.policy.request_timeout_s)
         self._seq += 1
         p = Pending(seq=self._seq, route=route, rid=req.id, frame=body, texts=req.texts, backend=name,
-                    deadline=time.time() + timeout)
+                    deadline=time.time() + timeout, arrived=time.monotonic())
         pool.submit(p)   # raises OVERLOADED / BACKEND_UNAVAILABLE before anything is recorded
         self.pending[p.seq] = p
         self.deadlines.push(p)
@@ -323,10 +354,15 @@ class Supervisor:
                 continue
             seq = header.get("seq")
             p = pool.on_done(w, seq, pump=False) if type(seq) is int else None
+            tokens, runs = done_stats(header)
+            for texts, run_tokens, seconds in runs:   # events hook: forward passes the worker reported
+                self.events.emit(BatchRun(pool.cfg.name, w.wid, texts, run_tokens, seconds))
             if p is not None and not p.answered:
                 p.answered = True
                 self.pending.pop(p.seq, None)
                 self._reply(p.route, frames[i + 1])
+                code = header.get("code")
+                self._answered(p, code if isinstance(code, str) else None, tokens)   # events hook
         pool.pump()
 
     def _on_worker_exit(self, w: WorkerProcess) -> None:
@@ -372,13 +408,34 @@ class Supervisor:
         return {"status": status, "backends": states}
 
     def _op_status(self) -> dict[str, Any]:
+        metrics = "%s:%d" % self.metrics_address if self.metrics_address else None  # noqa: UP031
         me = psutil.Process()
         cpu = me.cpu_times()
         return {"supervisor": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
                                "rss_mb": round(me.memory_info().rss / 2**20, 1),
                                "cpu_s": round(cpu.user + cpu.system, 3), "pending": len(self.pending),
-                               "quarantined": len(self.quarantine), "endpoint": self.config.endpoint},
+                               "quarantined": len(self.quarantine), "endpoint": self.config.endpoint,
+                               "metrics_listen": metrics},
                 "backends": {name: pool.status() for name, pool in self.pools.items()}}
+
+    def _op_metrics(self) -> dict[str, Any]:
+        if self.metrics is None:
+            raise BadRequest("metrics are off: prometheus_client is not installed (pip install 'akidb-embed[metrics]')")
+        self.metrics.refresh(self._op_status())
+        return {"text": self.metrics.exposition()}
+
+    def _serve_metrics(self) -> None:
+        """Start the Prometheus listener of [metrics] listen, if set (a daemon thread)."""
+        if self.config.metrics_listen is None or self.metrics is None:
+            return
+        self.metrics.refresh(self._op_status())
+        try:
+            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+        except OSError as exc:
+            self._close()
+            raise ConfigError(f"{self.config.source}: cannot listen on metrics.listen = "
+                              f"{self.config.metrics_listen!r}: {exc}") from exc
+        self._metrics_refresh_at = time.monotonic() + METRICS_REFRESH_S
 
     def _control(self, req: ControlRequest) -> dict[str, Any]:
         pool = self.pools.get(req.backend)
@@ -427,6 +484,8 @@ class Supervisor:
             w.close_lifeline()
 
     def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.front.close(0)
         self.back.close(0)
         self.ctx.term()
@@ -436,6 +495,18 @@ class Supervisor:
             Path(self.config.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         shutil.rmtree(self._rundir, ignore_errors=True)
         log.info("supervisor stopped")
+
+
+def _make_metrics(config: Config) -> Any:
+    """The Prometheus registry, or None when prometheus_client is missing (an error if [metrics] listen is set)."""
+    try:
+        from akidb_embed.supervisor.metrics import Metrics
+    except ImportError as exc:
+        if config.metrics_listen is not None:
+            raise ConfigError(f"{config.source}: metrics.listen needs prometheus_client: "
+                              f"pip install 'akidb-embed[metrics]' ({exc})") from exc
+        return None
+    return Metrics()
 
 
 def _ipc_in_use(path: Path) -> bool:

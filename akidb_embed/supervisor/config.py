@@ -81,11 +81,13 @@ class Config:
     policy: Policy
     drain_timeout_s: float = 10.0
     source: str = "<embedded default>"
+    metrics_listen: str | None = None    # [metrics] listen: HOST:PORT of the Prometheus listener (off when None)
 
 
 _POLICY_KEYS = {f.name: f.type for f in fields(Policy)}
 _BACKEND_KEYS = {f.name for f in fields(BackendConfig)} - {"name", "options", "policy"}
 _SERVER_KEYS = {"endpoint", "default_backend"}
+_METRICS_KEYS = {"listen"}
 _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
              "max_requests_per_worker", "restart_max"}
@@ -159,7 +161,7 @@ def _single_provider(src: str, table: Mapping[str, Any], env: Mapping[str, str])
 
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding"})
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "metrics"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
@@ -184,7 +186,30 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
         raise ConfigError(f"{src}: server.endpoint = {endpoint!r}; allowed: ipc://PATH or tcp://HOST:PORT")
     drain = float(_check_value(src, "supervisor", "drain_timeout_s", supervisor.get("drain_timeout_s", 10.0)))
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
-                  drain_timeout_s=drain, source=src)
+                  drain_timeout_s=drain, source=src, metrics_listen=_metrics_listen(src, doc.get("metrics", {})))
+
+
+def _metrics_listen(src: str, table: Any) -> str | None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [metrics] must be a table")
+    _check_keys(src, "metrics", table, _METRICS_KEYS)
+    listen = table.get("listen")
+    if listen is None:
+        return None
+    try:
+        split_listen(listen if isinstance(listen, str) else "")
+    except ValueError:
+        raise ConfigError(f"{src}: metrics.listen = {listen!r}; expected \"HOST:PORT\", "
+                          "e.g. \"127.0.0.1:9464\"") from None
+    return listen
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9464' or '[::1]:9464' -> (host, port); raises ValueError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:

@@ -20,6 +20,9 @@ class Pending:
     attempts: int = 0           # dispatches so far
     answered: bool = False
     worker: str | None = None   # wid holding it now
+    arrived: float = 0.0        # monotonic times, for the metrics' RequestAnswered event:
+    handed_first: float = 0.0   # first hand-over to a worker (0 = never)
+    handed_last: float = 0.0    # latest hand-over
 
 
 class DeadlineHeap:

@@ -12,6 +12,7 @@ from akidb_embed.protocol.errors import (
     BackendUnavailable, EmbedError, Overloaded, PoisonInput, WorkerDied,
 )
 from akidb_embed.supervisor.config import BackendConfig
+from akidb_embed.supervisor.events import BackendStateChanged, Events, WorkerExited, WorkerReady, WorkerStarted
 from akidb_embed.supervisor.pending import Pending, Quarantine
 from akidb_embed.supervisor.policy import RestartPolicy
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -34,6 +35,7 @@ class Host(Protocol):
     """What a pool needs from the supervisor that owns the sockets."""
     worker_endpoint: str
     quarantine: Quarantine
+    events: Events
 
     def send_jobs(self, w: WorkerProcess, jobs: list[Pending]) -> None: ...
     def send_stop(self, w: WorkerProcess) -> None: ...
@@ -62,6 +64,7 @@ class BackendPool:
         self.model_info: dict[str, Any] | None = None
         self._gen = 0
         self._next_memory_check = 0.0
+        self._noted_state = BState.STARTING          # last state reported as an event
 
     # ---- state ----------------------------------------------------------------------------
     @property
@@ -76,6 +79,13 @@ class BackendPool:
         if ready:
             return BState.DEGRADED
         return BState.RESTARTING if self.ever_ready else BState.STARTING
+
+    def _note_state(self) -> None:
+        """Emit BackendStateChanged when the state differs from the last one reported (events hook)."""
+        state = self.state
+        if state != self._noted_state:
+            old, self._noted_state = self._noted_state, state
+            self.host.events.emit(BackendStateChanged(self.cfg.name, old.value, state.value))
 
     def live_workers(self) -> list[WorkerProcess]:
         return [w for w in self.workers.values() if w.state in (WState.STARTING, WState.READY)]
@@ -95,6 +105,7 @@ class BackendPool:
             return None
         self.workers[w.wid] = w
         self.host.watch(w)
+        self.host.events.emit(WorkerStarted(self.cfg.name, w.wid, w.pid))   # events hook
         return w
 
     def _start_failed(self, reason: str) -> None:
@@ -129,6 +140,7 @@ class BackendPool:
         self.replace_queue.clear()
         for w in list(self.workers.values()):
             self._drain(w)
+        self._note_state()
 
     def start_op(self) -> None:
         """Operator start: from STOPPED or FAILED, bring the replicas up again."""
@@ -138,6 +150,7 @@ class BackendPool:
         missing = self.cfg.replicas - len(self.live_workers()) - len(self.respawn_at)
         for _ in range(max(0, missing)):
             self._spawn()
+        self._note_state()
 
     def restart(self) -> None:
         """Rolling restart: each live worker is replaced by a new one that is ready before it goes."""
@@ -216,6 +229,9 @@ class BackendPool:
 
     @staticmethod
     def _assign(w: WorkerProcess, p: Pending, outbox: dict[WorkerProcess, list[Pending]]) -> None:
+        p.handed_last = time.monotonic()      # for the metrics' queue and run durations
+        if not p.handed_first:
+            p.handed_first = p.handed_last
         p.attempts += 1
         p.worker = w.wid
         w.inflight[p.seq] = p
@@ -252,6 +268,8 @@ class BackendPool:
         self.ever_ready = True
         self.policy.record_ready()
         log.info("worker ready: backend=%s wid=%s pid=%s startup=%.2fs", self.cfg.name, w.wid, w.pid, w.uptime())
+        self.host.events.emit(WorkerReady(self.cfg.name, w.wid, w.pid, w.uptime()))   # events hook
+        self._note_state()
         old = self.workers.get(self.replacing.pop(w.wid, ""))
         if old is not None:
             self._drain(old)
@@ -272,6 +290,7 @@ class BackendPool:
         self._fail_waiting(BackendUnavailable(f"backend {self.cfg.name!r} is unavailable: {reason}"))
         for other in list(self.workers.values()):
             self._drain(other)
+        self._note_state()
 
     def on_exit(self, w: WorkerProcess, code: int | None) -> None:
         self.workers.pop(w.wid, None)
@@ -281,6 +300,9 @@ class BackendPool:
         planned = w.kill_reason is None and w.state in (WState.DRAINING, WState.STOPPING)
         log.log(logging.INFO if planned else logging.WARNING, "worker exit: backend=%s wid=%s pid=%s reason=%s "
                 "uptime=%.1fs held=%d", self.cfg.name, w.wid, w.pid, reason, w.uptime(), len(w.inflight))
+        cause = ("recycled" if w.recycle_reason else "planned") if planned else (
+            "load_failed" if w.load_error else "killed" if w.kill_reason else "crash")
+        self.host.events.emit(WorkerExited(self.cfg.name, w.wid, w.pid, reason, cause, w.uptime()))  # events hook
         self._rescue(w, reason)
         if w.wid in self.replacing:       # a replacement that died: the old worker keeps serving
             self.replacing.pop(w.wid)
@@ -290,6 +312,7 @@ class BackendPool:
             self.last_exit = f"{w.wid}: recycled ({w.recycle_reason}); {reason}"
         if planned or w.load_error or self.stopped or self.failed_until is not None:
             self.pump()
+            self._note_state()
             return
         self.last_exit = f"{w.wid}: {reason}"
         delay = self.policy.record_crash(time.monotonic())
@@ -301,6 +324,7 @@ class BackendPool:
             self.respawn_at.append(time.monotonic() + delay)
             log.info("worker restart scheduled: backend=%s in=%.2fs", self.cfg.name, delay)
         self.pump()
+        self._note_state()
 
     def _rescue(self, w: WorkerProcess, reason: str) -> None:
         """Answer or re-run every request the dead worker held; find the poison input if there is one."""
@@ -346,6 +370,7 @@ class BackendPool:
             self._next_memory_check = now + MEMORY_CHECK_S
         for w in list(self.workers.values()):
             self._check_worker(w, now, wall, check_memory)
+        self._note_state()
 
     def _check_worker(self, w: WorkerProcess, now: float, wall: float, check_memory: bool) -> None:
         p = self.cfg.policy

@@ -43,6 +43,7 @@ class Job:
     vectors: np.ndarray | None = None
     remaining: int = 0
     failed: bool = False
+    lengths: list[int] = field(default_factory=list)   # tokens per text (after truncation), for metrics
 
 
 class Worker:
@@ -58,6 +59,7 @@ class Worker:
         self.info: ModelInfo | None = None
         self.stopping = False
         self._outbox: list[bytes] = []   # finished (header, answer) pairs waiting for _flush
+        self._runs: list[list[float]] = []   # [texts, tokens, seconds] per pass, sent with the next done (metrics)
 
     # ---- life cycle ---------------------------------------------------------------------
     def run(self) -> int:
@@ -140,6 +142,7 @@ class Worker:
             lengths = Backend.token_lengths(self.backend, [text for _, text in slots])
         for (slot, _), length in zip(slots, lengths):
             live[slot.job].remaining += 1
+            live[slot.job].lengths.append(length)   # slots are in row order
         groups = plan_groups([(slot, n) for (slot, _), n in zip(slots, lengths)],
                              self.s.max_batch_size, self.s.max_batch_tokens)
         truncated = [0] * len(live)
@@ -158,11 +161,13 @@ class Worker:
         todo = [slot for slot in todo if not jobs[slot.job].failed]
         if not todo:
             return
+        started = time.perf_counter()
         try:
             out = self.backend.embed([jobs[s.job].request.texts[s.row] for s in todo])
         except Exception as exc:
             self._group_failed(jobs, todo, truncated, exc)
             return
+        self._runs.append([len(todo), sum(jobs[s.job].lengths[s.row] for s in todo), time.perf_counter() - started])
         if out.truncated_rows is None and out.truncated and len({s.job for s in todo}) == 1:
             truncated[todo[0].job] += out.truncated   # no per-row flags, but one owner: the count is exact
         else:
@@ -203,10 +208,15 @@ class Worker:
             vectors = vectors / np.maximum(norms, 1e-12)
         response = embed_response(job.request.id, vectors, dtype=job.request.dtype, backend=self.s.backend,
                                   model=self.info.model, truncated=truncated)
-        self._send_done(done_msg(job.seq, None, response))
+        self._send_done(done_msg(job.seq, None, response, tokens=sum(job.lengths), runs=self._take_runs()))
 
     def _reply_error(self, job: Job, err: EmbedError) -> None:
-        self._send_done(done_msg(job.seq, err.code.value, error_response(job.request.id, err)))
+        self._send_done(done_msg(job.seq, err.code.value, error_response(job.request.id, err), runs=self._take_runs()))
+
+    def _take_runs(self) -> list[list[float]]:
+        """The passes run since the last done header (each is reported once)."""
+        runs, self._runs = self._runs, []
+        return runs
 
     def _send_done(self, parts: list[bytes]) -> None:
         self._outbox.extend(parts)
