@@ -8,11 +8,14 @@ prometheus_client's HTTP server on ``[metrics] listen``. Metric names are listed
 from __future__ import annotations
 
 import logging
+import math
+from bisect import bisect_left
 from typing import Any, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from akidb_embed.supervisor.config import split_listen
 from akidb_embed.supervisor.events import (
@@ -59,54 +62,97 @@ class StatusCollector(Collector):
         yield from (queue, inflight, rss, state, quarantined)
 
 
-class Metrics:
-    """The supervisor's registry; call it with each event."""
+class _Histogram:
+    """Bucket counts and a sum, updated by the event loop without locks (a scrape copies them)."""
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # the last one: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1   # first bound >= value: Prometheus' le is inclusive
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        counts = list(self.counts)    # one C-level copy: consistent buckets even while the loop observes
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip(self.bounds + (math.inf,), counts):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+# name -> (help, buckets): the histograms, each labelled by backend
+HISTOGRAMS = {
+    "request_duration_seconds": ("From a request's arrival to its answer", LATENCY_BUCKETS),
+    "queue_duration_seconds": ("From a request's arrival to its first hand-over to a worker", LATENCY_BUCKETS),
+    "inference_duration_seconds": ("One forward pass in a worker", LATENCY_BUCKETS),
+    "batch_texts": ("Texts in one forward pass", BATCH_TEXTS_BUCKETS),
+    "batch_tokens": ("Tokens in one forward pass (unpadded, after truncation)", BATCH_TOKENS_BUCKETS),
+}
+
+
+class Metrics(Collector):
+    """The supervisor's registry and its events subscriber: call it with each event.
+
+    Counters and histograms are plain ints and floats updated on the event loop (a few microseconds per
+    request; prometheus_client's own metric objects take a lock and a Python loop per observation, about
+    three times as much) and rendered by ``collect`` at scrape time.
+    """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(f"{PREFIX}_requests", "Embed requests answered, by backend and code "
-                                "(ok or the error code)", ["backend", "code"], registry=r)
-        self.request_s = Histogram(f"{PREFIX}_request_duration_seconds", "From arrival to the answer",
-                                   ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_s = Histogram(f"{PREFIX}_queue_duration_seconds", "From arrival to the first hand-over to a "
-                                 "worker", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_s = Histogram(f"{PREFIX}_inference_duration_seconds", "One forward pass in a worker",
-                                     ["backend"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_texts = Histogram(f"{PREFIX}_batch_texts", "Texts in one forward pass", ["backend"],
-                                     buckets=BATCH_TEXTS_BUCKETS, registry=r)
-        self.batch_tokens = Histogram(f"{PREFIX}_batch_tokens", "Tokens in one forward pass (unpadded)", ["backend"],
-                                      buckets=BATCH_TOKENS_BUCKETS, registry=r)
-        self.restarts = Counter(f"{PREFIX}_worker_restarts", "Worker exits nobody asked for, by cause "
-                                "(crash, killed, load_failed, recycled)", ["backend", "reason"], registry=r)
+        self.requests: dict[tuple[str, str], int] = {}         # (backend, code) -> answered
+        self.restarts: dict[tuple[str, str], int] = {}         # (backend, cause) -> worker exits
+        self.hists: dict[str, dict[str, _Histogram]] = {name: {} for name in HISTOGRAMS}
         self.status = StatusCollector()
-        r.register(self.status)
-        self._children: dict[tuple[Any, ...], Any] = {}   # labels() costs a lock and a dict walk per call
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.registry.register(self.status)
         self._server: Any = None
 
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def _observe(self, name: str, backend: str, value: float) -> None:
+        per_backend = self.hists[name]
+        h = per_backend.get(backend)
+        if h is None:
+            h = per_backend[backend] = _Histogram(HISTOGRAMS[name][1])
+        h.observe(value)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RequestAnswered):
-            b = event.backend
-            self._child(self.requests, b, event.code or "ok").inc()
-            self._child(self.request_s, b).observe(event.total_s)
-            self._child(self.queue_s, b).observe(event.queue_s)
+            key = (event.backend, event.code or "ok")
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self._observe("request_duration_seconds", event.backend, event.total_s)
+            self._observe("queue_duration_seconds", event.backend, event.queue_s)
         elif isinstance(event, BatchRun):
-            b = event.backend
-            self._child(self.inference_s, b).observe(event.seconds)
-            self._child(self.batch_texts, b).observe(event.texts)
-            self._child(self.batch_tokens, b).observe(event.tokens)
+            self._observe("inference_duration_seconds", event.backend, event.seconds)
+            self._observe("batch_texts", event.backend, event.texts)
+            self._observe("batch_tokens", event.backend, event.tokens)
         elif isinstance(event, WorkerExited):
             if event.cause != "planned":
-                self._child(self.restarts, event.backend, event.cause).inc()
+                key = (event.backend, event.cause)
+                self.restarts[key] = self.restarts.get(key, 0) + 1
         elif isinstance(event, (WorkerStarted, WorkerReady, BackendStateChanged)):
             pass   # the gauges read these states from the status snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(f"{PREFIX}_requests", "Embed requests answered, by backend and code "
+                                       "(ok or the error code)", labels=["backend", "code"])
+        for (backend, code), n in sorted(dict(self.requests).items()):
+            requests.add_metric([backend, code], n)
+        yield requests
+        for name, (doc, _) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["backend"])
+            for backend, h in sorted(dict(self.hists[name]).items()):
+                family.add_metric([backend], h.buckets(), sum_value=h.sum)
+            yield family
+        restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "Worker exits nobody asked for, by cause "
+                                       "(crash, killed, load_failed, recycled)", labels=["backend", "reason"])
+        for (backend, cause), n in sorted(dict(self.restarts).items()):
+            restarts.add_metric([backend, cause], n)
+        yield restarts
 
     def refresh(self, status: Mapping[str, Any]) -> None:
         """Hand over a new status snapshot for the gauges (from the event loop's thread)."""
