@@ -11,7 +11,7 @@ import pytest
 
 from akidb_embed import EmbedError
 from akidb_embed.supervisor.config import ConfigError, build_config
-from conftest import poll_until, running_server
+from conftest import poll_until, raw_dealer, recv_answer, running_server
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -75,12 +75,17 @@ def test_requests_and_batches_counted_by_code(server) -> None:
         with pytest.raises(EmbedError) as unknown:
             c.embed(["x"], backend="nope")
         assert unknown.value.code.value == "UNKNOWN_BACKEND"
+    sock = raw_dealer(server.endpoint)
+    sock.send(b"\xc1 not msgpack")
+    assert recv_answer(sock)["error"]["code"] == "BAD_REQUEST"
+    sock.close()
     for after in (op_scrape(server), http_scrape(server)):   # both expositions carry the same counters
         def delta(name: str, **labels: str) -> float:
             return value(after, name, **labels) - value(before, name, **labels)
         assert delta("akidb_embed_requests_total", backend="mock", code="ok") == 3
         assert delta("akidb_embed_requests_total", backend="mock", code="INTERNAL") == 1
         assert delta("akidb_embed_requests_total", backend="", code="UNKNOWN_BACKEND") == 1
+        assert delta("akidb_embed_requests_total", backend="", code="BAD_REQUEST") == 1
         assert delta("akidb_embed_request_duration_seconds_count", backend="mock") == 4
         assert delta("akidb_embed_queue_duration_seconds_count", backend="mock") == 4
         assert delta("akidb_embed_request_duration_seconds_sum", backend="mock") > 0
