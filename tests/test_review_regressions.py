@@ -156,6 +156,7 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     from dataclasses import replace
 
     from akidb_embed.supervisor.config import build_config
+    from akidb_embed.supervisor.events import Events
     from akidb_embed.supervisor.pending import Quarantine
     from akidb_embed.supervisor.pool import BackendPool, BState
 
@@ -165,6 +166,7 @@ def test_worker_that_cannot_be_spawned_counts_as_a_crash_not_a_supervisor_error(
     class Host:
         worker_endpoint = "ipc:///nonexistent.sock"
         quarantine = Quarantine()
+        events = Events()
         def watch(self, w): raise AssertionError("a worker that never started is not watched")
         def unwatch(self, w): pass
         def answer_error(self, p, e): pass
