@@ -8,10 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import poll_until, raw_dealer, recv_answer, running_server
 
 from akidb_embed import EmbedError
 from akidb_embed.supervisor.config import ConfigError, build_config
-from conftest import poll_until, raw_dealer, recv_answer, running_server
 
 parser = pytest.importorskip("prometheus_client.parser")
 
@@ -42,6 +42,10 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +84,8 @@ def test_requests_and_batches_counted_by_code(server) -> None:
     assert recv_answer(sock)["error"]["code"] == "BAD_REQUEST"
     sock.close()
     for after in (op_scrape(server), http_scrape(server)):   # both expositions carry the same counters
-        def delta(name: str, **labels: str) -> float:
-            return value(after, name, **labels) - value(before, name, **labels)
+        def delta(name: str, after: Samples = after, **labels: str) -> float:
+            return moved(before, after, name, **labels)
         assert delta("akidb_embed_requests_total", backend="mock", code="ok") == 3
         assert delta("akidb_embed_requests_total", backend="mock", code="INTERNAL") == 1
         assert delta("akidb_embed_requests_total", backend="", code="UNKNOWN_BACKEND") == 1
@@ -125,9 +129,8 @@ def test_sigkilled_worker_counted_as_restart(server) -> None:
 
 def test_poison_input_quarantined_and_counted(server) -> None:
     before = op_scrape(server)
-    with server.client() as c:
-        with pytest.raises(EmbedError) as poison:
-            c.embed(["CRASH"], backend="mock", timeout=20)
+    with server.client() as c, pytest.raises(EmbedError) as poison:
+        c.embed(["CRASH"], backend="mock", timeout=20)
     assert poison.value.code.value == "POISON_INPUT"
     server.wait_ready(30)
     after = op_scrape(server)
