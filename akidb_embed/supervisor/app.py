@@ -25,6 +25,7 @@ from akidb_embed.protocol.messages import (
     ok_response, parse_header, parse_request, worker_header,
 )
 from akidb_embed.supervisor.config import Config, ConfigError
+from akidb_embed.supervisor.fronts import Fronts
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -45,6 +46,7 @@ class Supervisor:
         self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
         self.quarantine = Quarantine()
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
+        self.fronts = Fronts(config)   # [http] / [grpc] front processes (hooks: run, _loop tick, _drain, finally)
         self.deadlines = DeadlineHeap()
         self.pending: dict[int, Pending] = {}
         self._seq = 0
@@ -152,12 +154,14 @@ class Supervisor:
         try:
             for pool in self.pools.values():
                 pool.start()
+            self.fronts.start()        # fronts hook: start
             self._loop()
             self._drain()
         finally:
             signal.set_wakeup_fd(-1)
             for s, handler in old.items():
                 signal.signal(s, handler)
+            self.fronts.shutdown()     # fronts hook: shutdown (before the workers and our socket go)
             self._shutdown_workers()
             self._close()
         return 0
@@ -191,6 +195,7 @@ class Supervisor:
                 wall, now = time.time(), time.monotonic()
                 for pool in self.pools.values():
                     pool.tick(now, wall)
+                self.fronts.tick(now)  # fronts hook: tick (restart a dead front)
                 next_tick = now + TICK_S
 
     def _handle_events(self, events: dict[Any, int]) -> None:
@@ -378,7 +383,8 @@ class Supervisor:
                                "rss_mb": round(me.memory_info().rss / 2**20, 1),
                                "cpu_s": round(cpu.user + cpu.system, 3), "pending": len(self.pending),
                                "quarantined": len(self.quarantine), "endpoint": self.config.endpoint},
-                "backends": {name: pool.status() for name, pool in self.pools.items()}}
+                "backends": {name: pool.status() for name, pool in self.pools.items()},
+                "fronts": self.fronts.status()}
 
     def _control(self, req: ControlRequest) -> dict[str, Any]:
         pool = self.pools.get(req.backend)
@@ -395,6 +401,7 @@ class Supervisor:
     def _drain(self) -> None:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest."""
         self.accepting = False
+        self.fronts.begin_stop()       # fronts hook: drain (they stop accepting, finish in-flight calls)
         log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.pending), self.config.drain_timeout_s)
         self._stop_requested = False
         self._loop(until=time.monotonic() + self.config.drain_timeout_s)
