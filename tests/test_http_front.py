@@ -340,3 +340,20 @@ def test_standalone_http_command_against_a_running_supervisor(serve, tmp_path) -
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)
         log.close()
+
+
+def test_front_config_is_checked_at_start(tmp_path) -> None:
+    from akidb_embed.supervisor.config import ConfigError, build_config
+
+    base = {"backends": {"m": {"kind": "mock"}}}
+    cfg = build_config({**base, "http": {"listen": "127.0.0.1:8080"}, "grpc": {"listen": "[::1]:50051"}}, "t")
+    assert (cfg.http.listen, cfg.grpc.listen) == ("127.0.0.1:8080", "[::1]:50051")
+    assert build_config(base, "t").http is None
+    for table, needle in (({"listen": "8080"}, "http.listen"), ({"listen": "h:99999"}, "http.listen"),
+                          ({"listen": "h:1", "port": 1}, "unknown key http.port"),
+                          ({"listen": "h:1", "api_keys_file": str(tmp_path / "none")}, "http.api_keys_file")):
+        with pytest.raises(ConfigError, match=needle):
+            build_config({**base, "http": table}, "t")
+    proc = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "serve", "--http", "nowhere"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "http.listen" in proc.stderr
