@@ -14,8 +14,8 @@ import pytest
 
 from conftest import poll_until
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("grpc") is None
-                                or importlib.util.find_spec("grpc_health") is None, reason="the grpc extra is not installed")
+pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("grpc", "grpc_health")),
+                                reason="the grpc extra is not installed")
 
 MOCK = """
     [backends.mock]

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import Server, poll_until
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("starlette") is None
-                                or importlib.util.find_spec("uvicorn") is None, reason="the http extra is not installed")
+pytestmark = pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn", "orjson")),
+                                reason="the http extra is not installed")
 
 MOCK = """
     [backends.mock]
@@ -357,3 +357,39 @@ def test_front_config_is_checked_at_start(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "serve", "--http", "nowhere"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "http.listen" in proc.stderr
+
+
+def test_in_flight_http_request_finishes_during_drain(serve) -> None:
+    front = start_front(serve, """
+        [backends.mock]
+        kind = "mock"
+        dim = 8
+        delay_ms = 1500
+    """)
+    pid = front.front_pid()
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(call(front.url + "/v1/embeddings",
+                                                           {"model": "mock", "input": "slow"})))
+    t.start()
+    poll_until(lambda: front.server.status()["supervisor"]["pending"] == 1, 10)
+    front.server.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert result and result[0][0] == 200, result
+    assert front.server.proc.wait(30) == 0
+    import psutil
+    assert pid is not None and (not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+
+
+def test_dimensions_pass_through_only_when_the_model_declares_them() -> None:
+    from akidb_embed.fronts.common import FrontError, Route, check_dimensions, _route
+
+    plain = _route("onnx", {"model": "m", "dim": 384})
+    assert check_dimensions(plain, None) is None and check_dimensions(plain, 384) is None
+    with pytest.raises(FrontError, match="does not support"):
+        check_dimensions(plain, 128)
+    matryoshka = _route("g", {"model": "g", "dim": 768, "matryoshka_dimensions": [768, 512, 256, 128]})
+    assert matryoshka.dimensions_ok and check_dimensions(matryoshka, 128) == 128
+    assert isinstance(matryoshka, Route)
+    for bad in (0, -1, True, "128"):
+        with pytest.raises(FrontError, match="positive integer"):
+            check_dimensions(matryoshka, bad)
