@@ -195,6 +195,14 @@ def check_dimensions(route: Route, dimensions: Any) -> int | None:
     return dimensions
 
 
+def truncated_count(msg: dict[str, Any]) -> int:
+    """Inputs cut at the model's limit: an int today, a per-input list once answers carry one."""
+    value = msg.get("truncated", 0)
+    if isinstance(value, list):
+        return sum(1 for t in value if t)
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
 async def readiness(client: AsyncClient) -> tuple[bool, dict[str, Any]]:
     """(ready, body): ready when the default backend is READY or DEGRADED."""
     try:

@@ -23,7 +23,7 @@ from starlette.routing import Route as HttpRoute
 from akidb_embed.client import DEFAULT_WAIT_S, GRACE_S, AsyncClient
 from akidb_embed.fronts.common import (
     QUERY_WAIT_S, RETRY_AFTER_S, ApiKeys, Directory, FrontError, Route, bearer, check_dimensions, error_status,
-    raise_for_answer, readiness,
+    raise_for_answer, readiness, truncated_count,
 )
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class HttpFront:
         dims = check_dimensions(route, body.get("dimensions"))
         vectors, msg = await self._embed(request, inputs, route, normalize, dims, body)
         out = {"embeddings": vectors, "model": msg.get("model") or route.model, "dimension": int(vectors.shape[1]),
-               "backend": msg.get("backend") or route.backend, "truncated": msg.get("truncated", 0)}
+               "backend": msg.get("backend") or route.backend, "truncated": truncated_count(msg)}
         tokens = _tokens(msg)
         if tokens is not None:
             out["tokens"] = tokens

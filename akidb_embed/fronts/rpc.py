@@ -18,7 +18,7 @@ from akidb_embed.client import DEFAULT_WAIT_S, GRACE_S, AsyncClient
 from akidb_embed.fronts import embed_pb2, embed_pb2_grpc
 from akidb_embed.fronts.common import (
     QUERY_WAIT_S, READY_STATES, ApiKeys, Directory, FrontError, bearer, check_dimensions, error_status,
-    raise_for_answer,
+    raise_for_answer, truncated_count,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Embedder(embed_pb2_grpc.EmbedderServicer):
         tokens = msg.get("tokens")
         return embed_pb2.EmbedResponse(
             shape=msg.get("shape", []), data=msg.get("data", b""), model=str(msg.get("model", "")),
-            backend=str(msg.get("backend", "")), truncated=int(msg.get("truncated", 0)),
+            backend=str(msg.get("backend", "")), truncated=truncated_count(msg),
             tokens=tokens if isinstance(tokens, list) else [])
 
     async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
