@@ -113,6 +113,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"{b['rss_mb']}MB", b["last_exit"] or "-"))
     _table(("BACKEND", "STATE", "PIDS", "UPTIME", "RESTARTS", "QUEUE", "IN_FLIGHT", "SERVED", "RSS", "LAST_EXIT"),
            rows)
+    for front in status.get("fronts") or []:
+        print(f"front {front['kind']} listen={front['listen']} pid={front['pid'] or '-'} restarts={front['restarts']}")
     return 0
 
 

@@ -310,6 +310,9 @@ def test_front_restarted_when_killed_and_stopped_with_the_supervisor(serve) -> N
     assert call(front.url + "/v1/embeddings", {"model": "mock", "input": "x"})[0] == 200
     new = front.front_pid()
     assert front.server.status()["fronts"][0]["restarts"] == 1
+    out = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "status", "--endpoint", front.server.endpoint],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert f"front http listen={front.url.removeprefix('http://')} pid={new} restarts=1" in out, out
     assert front.server.stop() == 0
     assert new is not None and not psutil.pid_exists(new) or psutil.Process(new).status() == psutil.STATUS_ZOMBIE
     assert "front exit: kind=http" in front.server.log()
