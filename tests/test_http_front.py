@@ -47,7 +47,8 @@ def call(url: str, body: Any = None, headers: dict[str, str] | None = None, meth
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, hdrs, payload = resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as exc:
-        status, hdrs, payload = exc.code, dict(exc.headers), exc.read()
+        with exc:
+            status, hdrs, payload = exc.code, dict(exc.headers), exc.read()
     kind = hdrs.get("content-type", "")
     return status, {k.lower(): v for k, v in hdrs.items()}, json.loads(payload) if "json" in kind else payload.decode()
 
@@ -339,6 +340,10 @@ def test_standalone_http_command_against_a_running_supervisor(serve, tmp_path) -
         status, _, body = call(front.url + "/api/v1/embed", {"model": "mock", "inputs": ["x"]})
         assert status == 200 and len(body["embeddings"][0]) == 32
         assert call(front.url + "/ready")[0] == 200
+        server.stop()                        # the supervisor is gone: the front lives, but is not ready
+        status, _, body = call(front.url + "/ready")
+        assert status == 503 and body["status"] == "unavailable", body
+        assert call(front.url + "/health")[0] == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)
