@@ -171,6 +171,14 @@ class AsyncClient:
                 fut.set_result(msg)
 
     async def _call(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+        return _result(await self.request(op, wait_s, **fields))
+
+    async def request(self, op: str, wait_s: float, **fields: Any) -> dict[str, Any]:
+        """Send one request of any op; return the answer map as it came (``ok`` true or false).
+
+        For programs that relay answers (the HTTP and gRPC fronts): error codes stay wire strings,
+        and an embed answer's blob is not decoded. Raises Timeout when nothing answers in wait_s.
+        """
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         rid = next(self._ids)
@@ -184,7 +192,7 @@ class AsyncClient:
                           "(is `akidb-embed serve` running there?)") from exc
         finally:
             self._waiting.pop(rid, None)
-        return _result(msg)
+        return msg
 
     async def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                            timeout: float | None = None, dtype: str = "float32") -> EmbedResult:

@@ -26,6 +26,7 @@ from akidb_embed.protocol.messages import (
 )
 from akidb_embed.supervisor.config import Config, ConfigError
 from akidb_embed.supervisor.events import BatchRun, Events, RequestAnswered
+from akidb_embed.supervisor.fronts import Fronts
 from akidb_embed.supervisor.pending import DeadlineHeap, Pending, Quarantine
 from akidb_embed.supervisor.pool import BackendPool, BState
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
@@ -53,6 +54,7 @@ class Supervisor:
         self.metrics_address: tuple[str, int] | None = None
         self._metrics_refresh_at = 0.0
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
+        self.fronts = Fronts(config)   # [http] / [grpc] front processes (hooks: run, _loop tick, _drain, finally)
         self.deadlines = DeadlineHeap()
         self.pending: dict[int, Pending] = {}
         self._seq = 0
@@ -178,12 +180,14 @@ class Supervisor:
         try:
             for pool in self.pools.values():
                 pool.start()
+            self.fronts.start()        # fronts hook: start
             self._loop()
             self._drain()
         finally:
             signal.set_wakeup_fd(-1)
             for s, handler in old.items():
                 signal.signal(s, handler)
+            self.fronts.shutdown()     # fronts hook: shutdown (before the workers and our socket go)
             self._shutdown_workers()
             self._close()
         return 0
@@ -220,6 +224,7 @@ class Supervisor:
                 if self.metrics_address is not None and now >= self._metrics_refresh_at:
                     self._metrics_refresh_at = now + METRICS_REFRESH_S
                     self.metrics.refresh(self._op_status())   # the listener thread reads this snapshot
+                self.fronts.tick(now)  # fronts hook: tick (restart a dead front)
                 next_tick = now + TICK_S
 
     def _handle_events(self, events: dict[Any, int]) -> None:
@@ -416,7 +421,8 @@ class Supervisor:
                                "cpu_s": round(cpu.user + cpu.system, 3), "pending": len(self.pending),
                                "quarantined": len(self.quarantine), "endpoint": self.config.endpoint,
                                "metrics_listen": metrics},
-                "backends": {name: pool.status() for name, pool in self.pools.items()}}
+                "backends": {name: pool.status() for name, pool in self.pools.items()},
+                "fronts": self.fronts.status()}
 
     def _op_metrics(self) -> dict[str, Any]:
         if self.metrics is None:
@@ -452,6 +458,7 @@ class Supervisor:
     def _drain(self) -> None:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest."""
         self.accepting = False
+        self.fronts.begin_stop()       # fronts hook: drain (they stop accepting, finish in-flight calls)
         log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.pending), self.config.drain_timeout_s)
         self._stop_requested = False
         self._loop(until=time.monotonic() + self.config.drain_timeout_s)

@@ -74,6 +74,14 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class FrontConfig:
+    """[http] or [grpc]: a front process the supervisor starts and keeps running."""
+    kind: str                            # "http" | "grpc"
+    listen: str                          # HOST:PORT
+    api_keys_file: str | None = None     # one key per line; none: no key needed
+
+
+@dataclass(frozen=True)
 class Config:
     endpoint: str
     default_backend: str
@@ -82,6 +90,8 @@ class Config:
     drain_timeout_s: float = 10.0
     source: str = "<embedded default>"
     metrics_listen: str | None = None    # [metrics] listen: HOST:PORT of the Prometheus listener (off when None)
+    http: FrontConfig | None = None
+    grpc: FrontConfig | None = None
 
 
 _POLICY_KEYS = {f.name: f.type for f in fields(Policy)}
@@ -159,9 +169,28 @@ def _single_provider(src: str, table: Mapping[str, Any], env: Mapping[str, str])
     return {provider: backend}
 
 
+def front_config(src: str, kind: str, table: Any) -> FrontConfig | None:
+    """[http] / [grpc] -> FrontConfig (None without ``listen``)."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [{kind}] must be a table")
+    _check_keys(src, kind, table, {"listen", "api_keys_file"})
+    listen = table.get("listen")
+    if listen is None:
+        return None
+    host, sep, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{src}: {kind}.listen = {listen!r}; expected HOST:PORT, e.g. \"127.0.0.1:8080\"")
+    keys = table.get("api_keys_file")
+    if keys is not None and not (isinstance(keys, str) and Path(keys).expanduser().is_file()):
+        raise ConfigError(f"{src}: {kind}.api_keys_file = {keys!r} is not a readable file")
+    return FrontConfig(kind, listen, str(Path(keys).expanduser()) if keys else None)
+
+
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "metrics"})
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "metrics", "http", "grpc"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
@@ -186,7 +215,8 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
         raise ConfigError(f"{src}: server.endpoint = {endpoint!r}; allowed: ipc://PATH or tcp://HOST:PORT")
     drain = float(_check_value(src, "supervisor", "drain_timeout_s", supervisor.get("drain_timeout_s", 10.0)))
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
-                  drain_timeout_s=drain, source=src, metrics_listen=_metrics_listen(src, doc.get("metrics", {})))
+                  drain_timeout_s=drain, source=src, metrics_listen=_metrics_listen(src, doc.get("metrics", {})),
+                  http=front_config(src, "http", doc.get("http")), grpc=front_config(src, "grpc", doc.get("grpc")))
 
 
 def _metrics_listen(src: str, table: Any) -> str | None:
