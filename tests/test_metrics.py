@@ -70,9 +70,9 @@ def http_scrape(server) -> Samples:
 def test_requests_and_batches_counted_by_code(server) -> None:
     before = op_scrape(server)
     with server.client() as c:
-        c.embed(["hello world"], backend="mock")                      # 1 text, 2 words + 2 = 4 tokens
-        c.embed(["one two three"], backend="mock")                    # 1 text, 5 tokens
-        c.embed(["a b", "c d e f"], backend="mock")                   # 2 texts, 4 + 6 tokens
+        c.embed(["hello world"], backend="mock")                      # 1 text, 2 tokens (mock: one per word)
+        c.embed(["one two three"], backend="mock")                    # 1 text, 3 tokens
+        c.embed(["a b", "c d e f"], backend="mock")                   # 2 texts, 2 + 4 tokens
         with pytest.raises(EmbedError) as failed:
             c.embed(["FAIL"], backend="mock")
         assert failed.value.code.value == "INTERNAL"
@@ -97,7 +97,7 @@ def test_requests_and_batches_counted_by_code(server) -> None:
         # one forward pass per successful request (the client waits for each answer); FAIL's pass raised
         assert delta("akidb_embed_batch_texts_count", backend="mock") == 3
         assert delta("akidb_embed_batch_texts_sum", backend="mock") == 4
-        assert delta("akidb_embed_batch_tokens_sum", backend="mock") == 4 + 5 + 4 + 6
+        assert delta("akidb_embed_batch_tokens_sum", backend="mock") == 2 + 3 + 2 + 4
         assert delta("akidb_embed_inference_duration_seconds_count", backend="mock") == 3
         assert value(after, "akidb_embed_backend_state", backend="mock", state="READY") == 1
         assert value(after, "akidb_embed_backend_state", backend="mock", state="FAILED") == 0

@@ -366,8 +366,9 @@ class Supervisor:
             self._refuse(route, req, InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _refuse(self, route: list[bytes], req: Any, err: EmbedError) -> None:
-        if isinstance(req, EmbedRequest):
-            self.table.refuse(route, req.id, err, req.backend or self.config.default_backend, len(req.texts))
+        if isinstance(req, EmbedRequest):   # events.py: backend "" when the request named no backend of ours
+            backend = "" if isinstance(err, UnknownBackend) else req.backend or self.config.default_backend
+            self.table.refuse(route, req.id, err, backend, len(req.texts))
         else:
             self._reply(route, error_response(getattr(req, "id", None), err))
 
