@@ -187,6 +187,7 @@ def front_config(src: str, kind: str, table: Any) -> FrontConfig | None:
 
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "models", "metrics", "http", "grpc"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
