@@ -401,3 +401,32 @@ def test_dimensions_pass_through_only_when_the_model_declares_them() -> None:
     for bad in (0, -1, True, "128"):
         with pytest.raises(FrontError, match="positive integer"):
             check_dimensions(matryoshka, bad)
+
+
+def test_supervised_front_reaches_a_tcp_supervisor_over_its_private_ipc(tmp_path) -> None:
+    """With server.endpoint on tcp (loopback, no CURVE) the front it starts connects over an ipc endpoint in the
+    supervisor's private run directory, and embeds through it."""
+    zport, hport = free_port(), free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\nendpoint = "tcp://127.0.0.1:{zport}"\n{MOCK}\n[http]\nlisten = "127.0.0.1:{hport}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "akidb_embed.cli", "serve", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{hport}"
+
+        def ready() -> bool:
+            try:
+                return call(url + "/ready", timeout=2)[0] == 200
+            except OSError:
+                return False
+        poll_until(ready, 60, 0.1)
+        status, _, body = call(url + "/v1/embeddings", {"model": "mock", "input": ["a b c"]})
+        assert status == 200 and len(body["data"][0]["embedding"]) == 32 and body["usage"]["prompt_tokens"] == 3
+        import psutil
+        cmds = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()]
+        front_cmd = next(c for c in cmds if "akidb_embed.cli http " in c)
+        assert "--endpoint ipc://" in front_cmd and "fronts.sock" in front_cmd, front_cmd
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
