@@ -22,14 +22,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"akidb-embed: config error: {exc}", file=sys.stderr)
         return 2
+    from dataclasses import replace
     if args.endpoint:
-        from dataclasses import replace
         config = replace(config, endpoint=args.endpoint)
+    try:
+        config = _with_fronts(config, args)
+    except ConfigError as exc:
+        print(f"akidb-embed: {exc}", file=sys.stderr)
+        return 2
     try:
         return Supervisor(config).run()
     except ConfigError as exc:  # e.g. the endpoint is already served by another supervisor
         print(f"akidb-embed: {exc}", file=sys.stderr)
         return 2
+
+
+def _with_fronts(config: Any, args: argparse.Namespace) -> Any:
+    """``serve --http HOST:PORT`` / ``--grpc HOST:PORT``: override [http] / [grpc] listen."""
+    from dataclasses import replace
+
+    from akidb_embed.supervisor.config import front_config
+    for kind in ("http", "grpc"):
+        listen = getattr(args, kind)
+        if listen:
+            old = getattr(config, kind)
+            table = {"listen": listen, "api_keys_file": old.api_keys_file if old else None}
+            config = replace(config, **{kind: front_config(f"--{kind}", kind, {k: v for k, v in table.items() if v})})
+    return config
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -113,6 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"{b['rss_mb']}MB", b["last_exit"] or "-"))
     _table(("BACKEND", "STATE", "PIDS", "UPTIME", "RESTARTS", "QUEUE", "IN_FLIGHT", "SERVED", "RSS", "LAST_EXIT"),
            rows)
+    for front in status.get("fronts") or []:
+        print(f"front {front['kind']} listen={front['listen']} pid={front['pid'] or '-'} restarts={front['restarts']}")
     return 0
 
 
@@ -145,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the supervisor in the foreground")
     p.add_argument("--config", help="config.toml (default: embedded default: all-MiniLM-L6-v2 on onnx)")
     p.add_argument("--endpoint", help="override [server] endpoint")
+    p.add_argument("--http", metavar="HOST:PORT", help="also run the HTTP front here (overrides [http] listen)")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="also run the gRPC front here (overrides [grpc] listen)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("embed", parents=[client_opts], help="embed texts and print the vectors")
@@ -189,6 +212,11 @@ def _add_optional(sub: Any) -> None:
     try:
         from akidb_embed.cli_models import add_models_parser, run_models
         add_models_parser(sub).set_defaults(func=run_models)
+    except ImportError:
+        pass
+    try:
+        from akidb_embed.fronts.cli import add_front_parsers
+        add_front_parsers(sub)
     except ImportError:
         pass
     try:

@@ -223,6 +223,10 @@ class Client:
         with Client(admin) as c:
             return c._call(op, QUERY_WAIT_S, backend=backend)
 
+    def metrics(self) -> str:
+        """Prometheus text exposition of the supervisor's metrics."""
+        return str(self._call("metrics", QUERY_WAIT_S)["text"])
+
     def restart(self, backend: str) -> dict[str, Any]:
         return self._operator("restart", backend)
 
@@ -304,6 +308,15 @@ class AsyncClient:
             self._sent.clear()
 
     async def _call(self, op: str, wait_s: float, send_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        return _result(await self.request(op, wait_s, send_s, **fields))
+
+    async def request(self, op: str, wait_s: float, send_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request of any op; return the answer map as it came (``ok`` true or false).
+
+        For programs that relay answers (the HTTP and gRPC fronts): error codes stay wire strings,
+        and an embed answer's blob is not decoded. Raises Timeout when nothing answers in wait_s,
+        ServerUnavailable when no server takes the request or the connection drops while waiting.
+        """
         loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.done():
             self._reader = loop.create_task(self._read())
@@ -334,7 +347,7 @@ class AsyncClient:
         finally:
             self._waiting.pop(rid, None)
             self._sent.discard(rid)
-        return _result(msg)
+        return msg
 
     async def embed_result(self, texts: Sequence[str], backend: str | None = None, normalize: bool = True,
                            timeout: float | None = None, dtype: str = "float32",
@@ -371,6 +384,10 @@ class AsyncClient:
             return await self._call(op, QUERY_WAIT_S, backend=backend)
         async with AsyncClient(admin) as c:
             return await c._call(op, QUERY_WAIT_S, backend=backend)
+
+    async def metrics(self) -> str:
+        """Prometheus text exposition of the supervisor's metrics."""
+        return str((await self._call("metrics", QUERY_WAIT_S))["text"])
 
     async def restart(self, backend: str) -> dict[str, Any]:
         return await self._operator("restart", backend)

@@ -54,3 +54,25 @@ def test_bench_http_runs_the_workload_against_an_openai_shaped_server(tmp_path) 
     assert requests and all(r["path"] == "/v1/embeddings" and r["model"] == "m1" for r in requests)
     assert all(isinstance(r["input"], list) and len(r["input"]) == 1 for r in requests)   # one text per request
     assert "http" in proc.stdout
+
+
+def test_bench_http_self_measures_our_front_in_the_same_run_as_the_bridge(tmp_path, serve) -> None:
+    import importlib.util
+
+    import pytest
+    if not all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn", "orjson")):
+        pytest.skip("the http extra is not installed")
+    common = ["--no-inprocess", "--requests", "30", "--duration", "5", "--warmup", "2", "--concurrency", "1,4"]
+    server = serve('[backends.mock]\nkind = "mock"\ndim = 8\n')
+    for extra, out in ((["--kind", "mock"], tmp_path / "self.json"),                  # self-started supervisor + front
+                       (["--kind", "mock", "--endpoint", server.endpoint], tmp_path / "endpoint.json")):  # standalone
+        proc = subprocess.run([sys.executable, "-m", "akidb_embed.cli", "bench", *extra, "--http", "self", *common,
+                               "--json-out", str(out)], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+        for target in ("bridge", "http"):
+            for phase in ("short_seq", "c1", "c4"):
+                assert result[target][phase]["ok"] == 30 and result[target][phase]["errors"] == 0, (target, phase)
+        assert result["meta"]["http_front"].startswith("our own")
+        assert set(result["ratios"]["http_vs_bridge"]) == {"c1_throughput", "c4_throughput"}
+        assert "http/bridge throughput" in proc.stdout and "http c4 throughput >= 0.9 x bridge c4" in proc.stdout

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from akidb_embed.bench.workload import MEDIUM_WORDS, SEED, SHORT_WORDS, corpus
-from akidb_embed.bench.phases import RssSampler, SelfStarted, run_inprocess, run_remote
-from akidb_embed.bench.report import check_targets, format_report, plot, ratios
+from akidb_embed.bench.phases import (
+    RssSampler, SelfStarted, StandaloneHttp, free_port, run_inprocess, run_remote, wait_http,
+)
+from akidb_embed.bench.report import check_targets, format_report, http_vs_bridge, plot, ratios
 
 CONCURRENCY = (1, 16, 64)
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -65,7 +67,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="use this running supervisor instead of starting one")
     p.add_argument("--backend", help="with --endpoint: the configured backend name (default: its default)")
     p.add_argument("--http", metavar="URL", help="also run the workloads against an OpenAI-shaped "
-                   "/v1/embeddings endpoint (POST {input: [text], model})")
+                   "/v1/embeddings endpoint (POST {input: [text], model}); 'self': our own HTTP front, on the "
+                   "self-started supervisor (or in front of --endpoint), measured in the same run as the bridge")
     p.add_argument("--http-model", help="model name sent to --http (default: --model)")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process phases")
     p.add_argument("--no-bridge", action="store_true", help="skip the supervisor phases")
@@ -122,6 +125,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "nice": os.nice(0) if hasattr(os, "nice") else None}}
 
     server: SelfStarted | None = None
+    front: StandaloneHttp | None = None
+    own_http = args.http == "self"
+    self_listen = f"127.0.0.1:{free_port()}" if own_http and not args.endpoint and not args.no_bridge else None
     try:
         if not args.no_bridge:
             if args.endpoint:
@@ -132,13 +138,24 @@ def run_bench(args: argparse.Namespace) -> int:
                 endpoint = args.endpoint
             else:
                 print(f"bridge: starting a supervisor ({args.kind}) ...", file=sys.stderr, flush=True)
-                server = SelfStarted(args, options)
+                server = SelfStarted(args, options, self_listen)
                 endpoint, backend = server.endpoint, server.backend
                 result["meta"]["batching"] = {k: v for k, v in (("max_batch_size", args.max_batch_size),
                                               ("max_batch_tokens", args.max_batch_tokens),
                                               ("max_inflight", args.max_inflight)) if v is not None} or "defaults"
                 server.wait_ready(args.startup_timeout)
             result["meta"].update(bridge_endpoint=endpoint, bridge_backend=backend, self_started=server is not None)
+            if own_http:
+                if self_listen is None:
+                    front = StandaloneHttp(endpoint)
+                listen = self_listen or front.listen  # type: ignore[union-attr]
+                wait_http(f"http://{listen}/ready", 60, front.proc if front else None)
+                args.http = f"http://{listen}/v1/embeddings"
+                args.http_model = args.http_model or backend
+                result["meta"]["http_front"] = "our own (supervised by the server)" if self_listen else \
+                    "our own (akidb-embed http, standalone)"
+        elif own_http:
+            raise RuntimeError("--http self needs the bridge (a self-started server or --endpoint)")
         if not args.no_inprocess:
             result["inprocess"] = run_inprocess(args, options, short, medium)
         if args.mixed:
@@ -166,16 +183,18 @@ def run_bench(args: argparse.Namespace) -> int:
                           supervisor_peak_rss_mb=sampler.supervisor_mb, worker_peak_rss_mb=sampler.workers,
                           rss_samples=sampler.samples)
             result["bridge"] = bridge
+        if args.http:   # while the server still runs: `--http self` measures our front in the same run
+            result["http"] = run_remote("http", args, short, medium)
     except RuntimeError as exc:
         print(f"akidb-embed bench: {exc}", file=sys.stderr)
         return 1
     finally:
+        if front is not None:
+            front.stop()
         if server is not None:
             server.stop()
     if args.mixed:
         return _finish_mixed(args, result, json_out)
-    if args.http:
-        result["http"] = run_remote("http", args, short, medium)
     if result.get("inprocess"):
         result["ratios"] = {t: ratios(result["inprocess"], result[t], args.concurrency)
                             for t in ("bridge", "http") if result.get(t)}
@@ -186,7 +205,7 @@ def run_bench(args: argparse.Namespace) -> int:
         baseline = json.loads(base_path.read_text())
         result["meta"]["baseline"] = str(base_path)
     result["meta"]["loadavg_end"] = _loadavg()
-    result["targets"] = check_targets(result, baseline)
+    result["targets"] = check_targets(result, baseline) + http_vs_bridge(result, args.concurrency)
     report = format_report(result)
     print(report)
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,14 +96,17 @@ def server_config(endpoint: str, name: str, kind: str, model: str, options: dict
 class SelfStarted:
     """``akidb-embed serve`` in a subprocess, on a private ipc endpoint, stopped with SIGTERM."""
 
-    def __init__(self, args: argparse.Namespace, options: dict[str, Any]) -> None:
+    def __init__(self, args: argparse.Namespace, options: dict[str, Any], http_listen: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="akidb-bench-"))
         self.endpoint = f"ipc://{self.dir / 'bench.sock'}"
         self.backend = args.kind
         batching = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens,
                     "max_inflight": args.max_inflight}
         self.config = self.dir / "config.toml"
-        self.config.write_text(server_config(self.endpoint, self.backend, args.kind, args.model, options, batching))
+        text = server_config(self.endpoint, self.backend, args.kind, args.model, options, batching)
+        if http_listen:   # `bench --http self`: our own HTTP front, started and supervised by this server
+            text += f"\n[http]\nlisten = {_toml_value(http_listen)}\n"
+        self.config.write_text(text)
         self.log_path = self.dir / "server.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "akidb_embed.cli", "serve", "--config", str(self.config)],
@@ -143,6 +147,49 @@ class SelfStarted:
         self._log.close()
         import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until GET url answers 200 (our front's /ready), or RuntimeError."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the HTTP front exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s")
+
+
+class StandaloneHttp:
+    """``akidb-embed http --endpoint E`` on a free loopback port, for `bench --endpoint E --http self`."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.listen = f"127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "akidb_embed.cli", "http", "--endpoint", endpoint,
+                                      "--listen", self.listen], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 class RssSampler(threading.Thread):

@@ -62,6 +62,19 @@ def check_targets(result: dict[str, Any], baseline: dict[str, Any] | None) -> li
     return rows
 
 
+def http_vs_bridge(result: dict[str, Any], concurrency: Sequence[int]) -> list[dict[str, Any]]:
+    """HTTP front vs ZeroMQ at the highest client count, when both ran: the front should add little."""
+    br, ht = result.get("bridge"), result.get("http")
+    if not br or not ht or not concurrency:
+        return []
+    c = max(concurrency)
+    value = _ratio(ht[f"c{c}"]["texts_per_s"], br[f"c{c}"]["texts_per_s"])
+    result.setdefault("ratios", {})["http_vs_bridge"] = {
+        f"c{n}_throughput": _ratio(ht[f"c{n}"]["texts_per_s"], br[f"c{n}"]["texts_per_s"]) for n in concurrency}
+    return [{"target": f"http c{c} throughput >= 0.9 x bridge c{c}", "value": value, "bound": 0.9, "unit": "x",
+             "met": value >= 0.9 if value is not None else None}]
+
+
 def _fmt(v: Any, nd: int = 2) -> str:
     if v is None:
         return "-"
@@ -123,6 +136,9 @@ def format_report(result: dict[str, Any]) -> str:
             conc = ", ".join(f"c{c} {_fmt(rt.get(f'c{c}_throughput'), 3)}x" for c in m["concurrency"])
             lines.append(f"{target}/in-process: short p50 {_fmt(rt['short_p50'], 3)}x ({rt['short_p50_delta_ms']:+.3f} ms), "
                          f"p99 {_fmt(rt['short_p99'], 3)}x ({rt['short_p99_delta_ms']:+.3f} ms); throughput {conc}")
+    hb = result.get("ratios", {}).get("http_vs_bridge")
+    if hb:
+        lines.append("http/bridge throughput: " + ", ".join(f"{k.split('_')[0]} {_fmt(v, 3)}x" for k, v in hb.items()))
     br = result.get("bridge")
     if br:
         lines.append(f"supervisor: CPU/request over the whole bridge run {_fmt(br.get('supervisor_cpu_us_per_request_run'), 1)} us"

@@ -34,7 +34,7 @@ MAX_PROMPT_CHARS = 4096
 
 PRIORITIES = ("high", "normal", "low")   # scheduling classes, in the order they are served
 TRUNCATE_POLICIES = ("end", "start", "none")
-OPS = ("embed", "info", "health", "status", "restart", "stop", "start")
+OPS = ("embed", "info", "health", "status", "metrics", "restart", "stop", "start")
 CONTROL_OPS = ("restart", "stop", "start")
 
 
@@ -56,7 +56,7 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """``info``, ``health`` and ``status``: no arguments."""
+    """``info``, ``health``, ``status`` and ``metrics``: no arguments."""
     id: Any
     op: str
 

@@ -32,6 +32,7 @@ from akidb_embed.supervisor.auth import AuthError, Curve, check_exposure, user_i
 from akidb_embed.supervisor.config import Config, ConfigError
 from akidb_embed.supervisor.eventlog import log_event
 from akidb_embed.supervisor.events import Events, WorkerExited
+from akidb_embed.supervisor.fronts import Fronts
 from akidb_embed.supervisor.pool import BackendPool
 from akidb_embed.supervisor.process import WorkerProcess, WState, describe_exit
 from akidb_embed.supervisor.quarantine import Quarantine
@@ -53,16 +54,22 @@ MAX_RUNNING_SEQS = 65536 # a heartbeat's list of running jobs is ignored past th
 COALESCE_PENDING = 16    # with at least this many requests pending ...
 COALESCE_S = 0.002       # ... wait this long before polling, to handle frames in bulk
 FAST_STOP_S = 1.0        # after a second signal: SIGTERM to every worker, SIGKILL after this long
+METRICS_REFRESH_S = 1.0  # how old the gauges served by the [metrics] listener may be
 
 
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = _make_metrics(config)   # first: it may refuse the config
         self.ctx = zmq.Context()
         self._rundir = Path(tempfile.mkdtemp(prefix="akidb-embed-"))
         self.worker_endpoint = f"ipc://{self._rundir / 'workers.sock'}"
         self.events = Events()
         self.events.subscribe(log_event)
+        if self.metrics is not None:
+            self.events.subscribe(self.metrics)   # issue 12: counters and histograms from the events
+        self.metrics_address: tuple[str, int] | None = None
+        self._metrics_refresh_at = 0.0
         # issue 11: per-peer bounds; the table adds each request and releases it at its one answer point
         self.peers = PeerLedger(config.guard.peer_queue_share, config.guard.max_peer_bytes)
         self.table = RequestTable(self._reply, self.events, self.peers)
@@ -70,6 +77,8 @@ class Supervisor:
         self.gate = OperatorGate()   # issue 11: operator commands
         self.quarantine = Quarantine()
         self.pools = {name: BackendPool(cfg, self) for name, cfg in config.backends.items()}
+        self.fronts = Fronts(config)   # issue 12: [http] / [grpc] front processes (hooks: run, tick, _drain, finally)
+        self.fronts_endpoint = config.endpoint   # where they connect (set by _bind)
         self._by_fd: dict[int, WorkerProcess] = {}
         self._by_identity: dict[bytes, WorkerProcess] = {}   # issue 11: secret worker identities
         self._gone_identities: set[bytes] = set()            # recently gone: their late messages are expected
@@ -106,6 +115,7 @@ class Supervisor:
                     path.unlink()  # a stale socket file left by a killed supervisor
             with private_umask():  # issue 11: the socket file is 0600 whatever the umask
                 self.front.bind(endpoint)
+                self._bind_fronts_endpoint()   # issue 12
             if endpoint.startswith("ipc://") and self.config.guard.socket_mode:
                 os.chmod(endpoint[len("ipc://"):], self.config.guard.socket_mode)  # opened to a group on purpose
         except (UnsafePath, AuthError, ConfigError, zmq.ZMQError, OSError) as exc:
@@ -133,6 +143,19 @@ class Supervisor:
         self.poller.register(self.admin, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def _bind_fronts_endpoint(self) -> None:
+        """issue 12: the fronts we start connect over ipc to a socket only our user can open: server.endpoint
+        when it is ipc, else a second ipc endpoint of the same socket in our private run directory. A CURVE
+        socket would ask the fronts for a key pair on ipc too: not supported (refused)."""
+        self.fronts_endpoint = self.config.endpoint
+        if not self.fronts or self.config.endpoint.startswith("ipc://"):
+            return
+        if self.curve is not None:
+            raise ConfigError("[http] / [grpc] fronts need an ipc server.endpoint or a tcp one without CURVE; "
+                              "run the front standalone (`akidb-embed http --endpoint ...`) against a CURVE endpoint")
+        self.fronts_endpoint = f"ipc://{self._rundir / 'fronts.sock'}"
+        self.front.bind(self.fronts_endpoint)
 
     def _bind_admin(self) -> None:
         """issue 11: the operator socket, in the private run directory (only its owner can open it)."""
@@ -198,6 +221,7 @@ class Supervisor:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain and stop. Returns the process exit code."""
         self._bind()
+        self._serve_metrics()   # issue 12
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         log.info("supervisor listening: endpoint=%s backends=%s config=%s pid=%d", self.config.endpoint,
@@ -205,12 +229,14 @@ class Supervisor:
         try:
             for pool in self.pools.values():
                 pool.start()
+            self.fronts.start(self.fronts_endpoint)   # fronts hook: start (they connect over our ipc socket)
             self._loop()
             self._drain()
         finally:
             signal.set_wakeup_fd(-1)
             for s, handler in old.items():
                 signal.signal(s, handler)
+            self.fronts.shutdown()     # fronts hook: shutdown (before the workers and our sockets go)
             self._shutdown_workers(fast=self._force_stop)
             self._close()
         return 0
@@ -247,6 +273,10 @@ class Supervisor:
                 now = time.monotonic()
                 for pool in self.pools.values():
                     self._guarded(f"housekeeping of backend {pool.cfg.name}", pool.tick, now)
+                if self.metrics_address is not None and now >= self._metrics_refresh_at:
+                    self._metrics_refresh_at = now + METRICS_REFRESH_S
+                    self._guarded("refreshing the metrics gauges", self._refresh_metrics)
+                self._guarded("supervising the fronts", self.fronts.tick, now)  # fronts hook: tick
                 next_tick = now + TICK_S
 
     @staticmethod
@@ -336,8 +366,9 @@ class Supervisor:
             self._refuse(route, req, InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _refuse(self, route: list[bytes], req: Any, err: EmbedError) -> None:
-        if isinstance(req, EmbedRequest):
-            self.table.refuse(route, req.id, err, req.backend or self.config.default_backend, len(req.texts))
+        if isinstance(req, EmbedRequest):   # events.py: backend "" when the request named no backend of ours
+            backend = "" if isinstance(err, UnknownBackend) else req.backend or self.config.default_backend
+            self.table.refuse(route, req.id, err, backend, len(req.texts))
         else:
             self._reply(route, error_response(getattr(req, "id", None), err))
 
@@ -361,8 +392,41 @@ class Supervisor:
             return ops.info(self.pools, self.config.default_backend)
         if op == "health":
             return ops.health(self.pools)
-        return ops.status(self.pools, started=self.started, pending=len(self.table),
-                          quarantined=len(self.quarantine), endpoint=self.config.endpoint)
+        if op == "metrics":   # read-only, like status: any client may ask (issue 12)
+            return self._op_metrics()
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
+        answer = ops.status(self.pools, started=self.started, pending=len(self.table),
+                            quarantined=len(self.quarantine), endpoint=self.config.endpoint)
+        answer["supervisor"]["metrics_listen"] = (
+            "%s:%d" % self.metrics_address if self.metrics_address else None)  # noqa: UP031
+        answer["fronts"] = self.fronts.status()
+        return answer
+
+    # ---- metrics (issue 12) ----------------------------------------------------------------------
+    def _refresh_metrics(self) -> None:
+        assert self.metrics is not None
+        self.metrics.refresh(self._status())   # the listener thread reads this snapshot
+
+    def _op_metrics(self) -> dict[str, Any]:
+        if self.metrics is None:
+            raise BadRequest("metrics are off: prometheus_client is not installed (pip install 'akidb-embed[metrics]')")
+        self._refresh_metrics()
+        return {"text": self.metrics.exposition()}
+
+    def _serve_metrics(self) -> None:
+        """Start the Prometheus listener of [metrics] listen, if set (a daemon thread)."""
+        if self.config.metrics_listen is None or self.metrics is None:
+            return
+        self._refresh_metrics()
+        try:
+            self.metrics_address = self.metrics.serve(self.config.metrics_listen)
+        except OSError as exc:
+            self._close()
+            raise ConfigError(f"{self.config.source}: cannot listen on metrics.listen = "
+                              f"{self.config.metrics_listen!r}: {exc}") from exc
+        self._metrics_refresh_at = time.monotonic() + METRICS_REFRESH_S
 
     def _submit(self, route: list[bytes], body: bytes, req: EmbedRequest) -> None:
         if not self.accepting:
@@ -482,6 +546,7 @@ class Supervisor:
         """Stop accepting; let in-flight requests finish for up to drain_timeout_s; answer the rest.
         A second SIGTERM/SIGINT ends the wait at once."""
         self.accepting = False
+        self.fronts.begin_stop()       # fronts hook: drain (they stop accepting, finish in-flight calls)
         log.info("supervisor draining: pending=%d timeout=%.1fs", len(self.table), self.config.drain_timeout_s)
         self._stop_requested = False
         if not self._force_stop:
@@ -518,6 +583,8 @@ class Supervisor:
             w.close_lifeline()
 
     def _close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.front.close(0)
         self.back.close(0)
         self.admin.close(0)  # issue 11
@@ -531,6 +598,18 @@ class Supervisor:
             Path(self.config.endpoint[len("ipc://"):]).unlink(missing_ok=True)
         shutil.rmtree(self._rundir, ignore_errors=True)
         log.info("supervisor stopped")
+
+
+def _make_metrics(config: Config) -> Any:
+    """The Prometheus registry, or None when prometheus_client is missing (an error if [metrics] listen is set)."""
+    try:
+        from akidb_embed.supervisor.metrics import Metrics
+    except ImportError as exc:
+        if config.metrics_listen is not None:
+            raise ConfigError(f"{config.source}: metrics.listen needs prometheus_client: "
+                              f"pip install 'akidb-embed[metrics]' ({exc})") from exc
+        return None
+    return Metrics()
 
 
 def _ipc_in_use(path: Path) -> bool:

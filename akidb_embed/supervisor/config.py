@@ -66,6 +66,14 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class FrontConfig:
+    """[http] or [grpc]: a front process the supervisor starts and keeps running."""
+    kind: str                            # "http" | "grpc"
+    listen: str                          # HOST:PORT
+    api_keys_file: str | None = None     # one key per line; none: no key needed
+
+
+@dataclass(frozen=True)
 class Config:
     endpoint: str
     default_backend: str
@@ -74,11 +82,15 @@ class Config:
     drain_timeout_s: float = 10.0
     source: str = "<embedded default>"
     guard: Guard = field(default_factory=Guard)   # issue 11: limits, quotas, CURVE, operators ([server])
+    metrics_listen: str | None = None    # [metrics] listen: HOST:PORT of the Prometheus listener (off when None)
+    http: FrontConfig | None = None
+    grpc: FrontConfig | None = None
 
 
 _POLICY_KEYS = {f.name: f.type for f in fields(Policy)}
 _BACKEND_KEYS = {f.name for f in fields(BackendConfig)} - {"name", "options", "policy"}
 _SERVER_KEYS = {"endpoint", "default_backend"} | GUARD_KEYS   # issue 11: guard keys
+_METRICS_KEYS = {"listen"}
 _SUPERVISOR_KEYS = set(_POLICY_KEYS) | {"drain_timeout_s"}
 _INT_KEYS = {"replicas", "max_queue", "max_inflight", "max_batch_size", "max_batch_tokens",
              "max_requests_per_worker", "restart_max", "interactive_tokens", "part_tokens", "fair_quantum_tokens"}
@@ -154,9 +166,28 @@ def _single_provider(src: str, table: Mapping[str, Any], env: Mapping[str, str])
     return {provider: backend}
 
 
+def front_config(src: str, kind: str, table: Any) -> FrontConfig | None:
+    """[http] / [grpc] -> FrontConfig (None without ``listen``)."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [{kind}] must be a table")
+    _check_keys(src, kind, table, {"listen", "api_keys_file"})
+    listen = table.get("listen")
+    if listen is None:
+        return None
+    host, sep, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{src}: {kind}.listen = {listen!r}; expected HOST:PORT, e.g. \"127.0.0.1:8080\"")
+    keys = table.get("api_keys_file")
+    if keys is not None and not (isinstance(keys, str) and Path(keys).expanduser().is_file()):
+        raise ConfigError(f"{src}: {kind}.api_keys_file = {keys!r} is not a readable file")
+    return FrontConfig(kind, listen, str(Path(keys).expanduser()) if keys else None)
+
+
 def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "models"})
+    _check_keys(src, "", doc, {"server", "supervisor", "backends", "embedding", "models", "metrics", "http", "grpc"})
     server = doc.get("server", {})
     supervisor = doc.get("supervisor", {})
     _check_keys(src, "server", server, _SERVER_KEYS)
@@ -186,7 +217,9 @@ def build_config(doc: Mapping[str, Any], src: str, env: Mapping[str, str] | None
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return Config(endpoint=endpoint, default_backend=default, backends=backends, policy=policy,
-                  drain_timeout_s=drain, source=src, guard=guard)
+                  drain_timeout_s=drain, source=src, guard=guard,
+                  metrics_listen=_metrics_listen(src, doc.get("metrics", {})),
+                  http=front_config(src, "http", doc.get("http")), grpc=front_config(src, "grpc", doc.get("grpc")))
 
 
 def _with_model_settings(src: str, table: Any, backends: dict[str, BackendConfig]) -> dict[str, BackendConfig]:
@@ -205,6 +238,29 @@ def _with_model_settings(src: str, table: Any, backends: dict[str, BackendConfig
         return backends
     return {name: b if b.kind == "mock" else replace(b, options={**b.options, **extra})
             for name, b in backends.items()}
+
+
+def _metrics_listen(src: str, table: Any) -> str | None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{src}: [metrics] must be a table")
+    _check_keys(src, "metrics", table, _METRICS_KEYS)
+    listen = table.get("listen")
+    if listen is None:
+        return None
+    try:
+        split_listen(listen if isinstance(listen, str) else "")
+    except ValueError:
+        raise ConfigError(f"{src}: metrics.listen = {listen!r}; expected \"HOST:PORT\", "
+                          "e.g. \"127.0.0.1:9464\"") from None
+    return str(listen)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9464' or '[::1]:9464' -> (host, port); raises ValueError."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
