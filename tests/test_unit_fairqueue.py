@@ -164,3 +164,40 @@ def test_a_peer_whose_queue_emptied_is_new_again_when_it_sends_more() -> None:
     assert q.pop().name == "b1"
     q.push(U(b"query", 10, name="q2"))
     assert q.pop().name == "q2"
+
+
+def test_peek_looks_past_a_class_holding_only_answered_units() -> None:
+    q: FairQueue[U] = FairQueue()
+    dead = U(b"a", 5, HIGH, "dead")
+    q.push(dead)
+    q.push(U(b"b", 5, NORMAL, "alive"))
+    dead.answered = True
+    assert q.peek().name == "alive" and q.pop().name == "alive"
+
+
+def test_pop_looks_past_a_class_holding_only_answered_units() -> None:
+    q: FairQueue[U] = FairQueue()
+    dead = U(b"a", 5, HIGH, "dead")
+    q.push(dead)
+    q.push(U(b"b", 5, NORMAL, "alive"))
+    dead.answered = True
+    assert q.pop().name == "alive"
+
+
+def test_a_class_is_passed_over_only_while_it_has_work() -> None:
+    q: FairQueue[U] = FairQueue(patience={NORMAL: 10, LOW: 20})
+    for i in range(30):
+        q.push(U(b"h", 5, HIGH, "high"))
+    for _ in range(25):
+        assert q.pop().name == "high"      # low has nothing waiting: nobody is passed over
+    q.push(U(b"l", 5, LOW, "low"))
+    assert q.pop().name == "high"          # so low waits its turn like new work
+
+
+def test_a_turn_ends_when_the_quantum_is_spent_exactly() -> None:
+    q: FairQueue[U] = FairQueue(quantum=20)
+    for _ in range(8):
+        q.push(U(b"a", 10, name="a"))
+        q.push(U(b"b", 10, name="b"))
+    # each new peer first gets one unit; then two 10-token units per 20-token turn, never three
+    assert "".join(drain(q)) == "ababaabbaabbaabb"

@@ -284,15 +284,16 @@ def test_no_retry_when_the_backend_no_longer_serves():
 def test_a_worker_never_holds_more_than_max_inflight_jobs():
     s, t = scheduler(max_inflight=2)
     for i in range(5):
-        queued(s, t, [f"{i}" + "x" * 4000])          # bulk: two passes allowed, max_inflight is the limit
+        queued(s, t, [f"{i}" + "x" * 4000])          # bulk: a pass of 8 planned, max_inflight is the limit
     w = worker()
     s.assign([w])
     assert len(w.inflight) == 2
     s.assign([w])
     assert len(w.inflight) == 2                      # full: nothing more until it answers
-    s.finished(w, next(iter(w.inflight)))
+    for seq in list(w.inflight):
+        s.finished(w, seq)
     s.assign([w])
-    assert len(w.inflight) == 2 and s.waiting() == 2
+    assert len(w.inflight) == 2 and s.waiting() == 1
 
 
 # ---- a request's record and the table's bookkeeping --------------------------------------------------
@@ -401,13 +402,15 @@ def test_with_no_ready_worker_nothing_is_handed_out_even_to_suspects():
     assert s.assign([]) == {} and len(s.suspects) == 1
 
 
-def test_two_passes_per_worker_for_bulk_work_one_while_queries_are_around():
+def test_one_pass_per_worker_and_a_query_pass_alone():
     s, t = scheduler()
     for i in range(20):
         queued(s, t, [f"{i}" + "x" * 4000])                 # 512 estimated tokens each: bulk, 8 per pass
     w = worker()
     s.assign([w])
-    assert len(s.passes[w.wid]) == 2 and len(w.inflight) == 16
+    assert len(s.passes[w.wid]) == 1 and len(w.inflight) == 8
+    s.assign([w])
+    assert len(s.passes[w.wid]) == 1 and len(w.inflight) == 8      # the rest waits here, not in the worker
     s2, t2 = scheduler()
     queued(s2, t2, ["a short query"])
     for i in range(20):
@@ -494,7 +497,7 @@ def test_finished_passes_teach_the_sizer_the_backend_speed(monkeypatch):
         queued(s, t, [f"{i}" + "x" * 4000])                  # 512 estimated tokens each: 8 per pass
     w = worker()
     s.assign([w])
-    [p1, p2] = list(s.passes[w.wid])
+    [p1] = list(s.passes[w.wid])
     now[0] = 102.048
     for seq in sorted(p1.seqs):
         s.finished(w, seq)
