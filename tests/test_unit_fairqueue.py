@@ -186,7 +186,7 @@ def test_pop_looks_past_a_class_holding_only_answered_units() -> None:
 
 def test_a_class_is_passed_over_only_while_it_has_work() -> None:
     q: FairQueue[U] = FairQueue(patience={NORMAL: 10, LOW: 20})
-    for i in range(30):
+    for _i in range(30):
         q.push(U(b"h", 5, HIGH, "high"))
     for _ in range(25):
         assert q.pop().name == "high"      # low has nothing waiting: nobody is passed over
