@@ -1,7 +1,23 @@
 """Pass sizing: short passes while interactive work is around, efficient ones otherwise."""
 from __future__ import annotations
 
-from akidb_embed.supervisor.passes import PassSizer, estimate_tokens
+from dataclasses import dataclass
+
+from akidb_embed.supervisor.fairqueue import FairQueue
+from akidb_embed.supervisor.passes import PassSizer, compose_pass, estimate_tokens, plan_bulk_window
+
+
+@dataclass(eq=False)
+class W:
+    """A queued unit as the pass functions see it."""
+    peer: bytes
+    cost: int
+    n_texts: int = 1
+    interactive: bool = False
+    priority: int = 1
+
+    def alive(self) -> bool:
+        return True
 
 
 def test_token_estimate_grows_with_length_and_is_capped() -> None:
@@ -31,21 +47,6 @@ def test_short_passes_do_not_teach_the_rate_and_the_rate_is_a_moving_mean() -> N
 
 
 def test_a_pass_holds_one_kind_of_work_within_its_budget() -> None:
-    from dataclasses import dataclass
-
-    from akidb_embed.supervisor.fairqueue import FairQueue
-    from akidb_embed.supervisor.passes import compose_pass
-
-    @dataclass(eq=False)
-    class W:
-        peer: bytes
-        cost: int
-        n_texts: int
-        interactive: bool
-        priority: int = 1
-
-        def alive(self) -> bool:
-            return True
 
     s = PassSizer(max_batch_tokens=1000, latency_pass_ms=30, interactive_window_s=2.0)
     s.observe(1000, 0.3)                       # 0.3 ms per token: a short pass is 100 tokens
@@ -122,21 +123,6 @@ def test_the_rate_is_a_weighted_mean_and_a_pass_holds_at_least_one_token() -> No
 
 
 def test_a_pass_is_filled_up_to_its_budget_exactly() -> None:
-    from dataclasses import dataclass
-
-    from akidb_embed.supervisor.fairqueue import FairQueue
-    from akidb_embed.supervisor.passes import compose_pass
-
-    @dataclass(eq=False)
-    class W:
-        peer: bytes
-        cost: int
-        n_texts: int = 1
-        interactive: bool = False
-        priority: int = 1
-
-        def alive(self) -> bool:
-            return True
 
     s = PassSizer(max_batch_tokens=100, latency_pass_ms=30, interactive_window_s=2.0)
     q: FairQueue[W] = FairQueue(quantum=10_000)
@@ -154,21 +140,6 @@ def test_the_high_priority_window_ends_before_the_query_window() -> None:
 
 
 def test_bulk_window_sorts_by_length_and_stops_at_a_query_or_another_priority() -> None:
-    from dataclasses import dataclass
-
-    from akidb_embed.supervisor.fairqueue import FairQueue
-    from akidb_embed.supervisor.passes import plan_bulk_window
-
-    @dataclass(eq=False)
-    class W:
-        peer: bytes
-        cost: int
-        n_texts: int = 1
-        interactive: bool = False
-        priority: int = 1
-
-        def alive(self) -> bool:
-            return True
 
     q: FairQueue[W] = FairQueue(quantum=10**9)
     for cost in (90, 10, 50, 20, 80, 30, 70, 40):

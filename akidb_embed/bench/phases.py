@@ -93,6 +93,17 @@ def server_config(endpoint: str, name: str, kind: str, model: str, options: dict
     return "\n".join(lines) + "\n"
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a supervisor drains, a front stops), then SIGKILL if it is still there after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class SelfStarted:
     """``akidb-embed serve`` in a subprocess, on a private ipc endpoint, stopped with SIGTERM."""
 
@@ -137,13 +148,7 @@ class SelfStarted:
         raise RuntimeError(f"backend {self.backend} not READY within {timeout:g} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self._log.close()
         import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -183,13 +188,7 @@ class StandaloneHttp:
                                       "--listen", self.listen], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 class RssSampler(threading.Thread):
