@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from akidb_embed.supervisor.fairqueue import FairQueue
-from akidb_embed.supervisor.passes import PassSizer, compose_pass, estimate_tokens, plan_bulk_window
+from akidb_embed.supervisor.passes import PassSizer, compose_pass, estimate_tokens, plan_bulk_window, top_up
 
 
 @dataclass(eq=False)
@@ -150,3 +150,18 @@ def test_bulk_window_sorts_by_length_and_stops_at_a_query_or_another_priority() 
     q.push(W(b"bulk", 5))
     q.push(W(b"bulk", 6, priority=2))
     assert [[w.cost for w in p] for p in plan_bulk_window(q, 2, 10**6, 3)] == [[5]]
+
+
+def test_a_short_planned_pass_is_topped_up_with_bulk_work_of_its_priority_up_to_every_limit() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    planned = [W(b"a", 10), W(b"a", 20)]
+    for cost in (30, 40, 50, 60):
+        q.push(W(b"b", cost))
+    assert [w.cost for w in top_up(list(planned), q, max_texts=4, max_tokens=10**6, max_units=10)] == [10, 20, 30, 40]
+    assert [w.cost for w in top_up(list(planned), q, max_texts=9, max_tokens=130, max_units=10)] == [10, 20, 50]
+    assert [w.cost for w in top_up(list(planned), q, max_texts=9, max_tokens=10**6, max_units=2)] == [10, 20]
+    q.push(W(b"c", 1, interactive=True))   # a query next ends it (it runs in a pass of queries) ...
+    assert [w.cost for w in top_up(list(planned), q, 9, 10**6, 10)] == [10, 20] and len(q) == 2
+    assert q.pop().interactive
+    q.push(W(b"c", 1, priority=2))          # ... and so does work of another priority
+    assert [w.cost for w in top_up(list(planned), q, 9, 10**6, 10)] == [10, 20, 60] and len(q) == 1

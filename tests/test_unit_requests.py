@@ -538,8 +538,27 @@ def test_suspects_run_one_at_a_time_on_the_least_loaded_worker():
     assert [j.req for j in s2.suspects] == [y] and not other.isolating
 
 
+def _bulk_from_another_client(s: Scheduler, t: Table, tokens: int) -> None:
+    bulk = t.table.create([b"ingest"], 1, b"", ["x" * 4 * tokens], "m", 60.0, time.monotonic())
+    s.admit(bulk, "normal")
+    t.table.add(bulk)
+
+
+def test_a_query_shortens_passes_only_while_another_client_holds_bulk_work():
+    s, t = scheduler()
+    s.admit(t.req(time.monotonic() + 60.0, ["q"]), "normal")   # alone: short passes would help nobody
+    assert not s.sizer.interactive(time.monotonic())
+    _bulk_from_another_client(s, t, s.cfg.interactive_tokens - 2)   # as small as a query: still not bulk
+    s.admit(t.req(time.monotonic() + 60.0, ["q"]), "normal")
+    assert not s.sizer.interactive(time.monotonic())
+    _bulk_from_another_client(s, t, 4)
+    s.admit(t.req(time.monotonic() + 60.0, ["q"]), "normal")
+    assert s.sizer.interactive(time.monotonic())
+
+
 def test_high_priority_queries_shorten_passes_further():
     s, t = scheduler()
+    _bulk_from_another_client(s, t, 1000)
     r = t.req(time.monotonic() + 60.0, ["q"])
     s.admit(r, "normal")
     assert s.sizer.interactive(time.monotonic()) and s.sizer.high_until == float("-inf")

@@ -259,9 +259,10 @@ class Supervisor:
             if self._exiting:
                 timeout = min(timeout, 0.005)
             if len(self.table) >= COALESCE_PENDING and timeout > 0:
-                # Busy: let frames gather for a moment so one wake-up handles many (each costs ~100 us
-                # of CPU); negligible next to the queueing delay such a backlog already implies.
-                time.sleep(min(timeout, COALESCE_S))
+                # Busy: let client frames gather for a moment so one wake-up handles many (each costs
+                # ~100 us of CPU); negligible next to the queueing delay such a backlog already implies.
+                # A worker's message ends the wait at once: a worker that finished its pass waits for the next.
+                self.back.poll(math.ceil(min(timeout, COALESCE_S) * 1000))
             # whole milliseconds, rounded up: zmq truncates a float timeout, and poll(0.7) would spin
             # (no sleep at all) through the last millisecond before every tick and deadline
             events = dict(self.poller.poll(math.ceil(timeout * 1000)))

@@ -159,13 +159,15 @@ class FairQueue(Generic[U]):
                 return unit
 
     def _next_class(self) -> int | None:
-        busy = [c for c, q in enumerate(self.classes) if q.count]
-        if not busy:
-            return None
-        for c in busy[1:]:
-            if self.passed_over[c] >= self.patience.get(c, 1 << 62):
-                return c
-        return busy[0]
+        """The highest class with work, unless a lower one with work has run out of patience."""
+        first = None
+        for c, q in enumerate(self.classes):
+            if q.count:
+                if first is None:
+                    first = c
+                elif self.passed_over[c] >= self.patience.get(c, 1 << 62):
+                    return c
+        return first
 
     def _account(self, cls: int) -> None:
         self.passed_over[cls] = 0

@@ -133,3 +133,21 @@ def plan_bulk_window(queue: FairQueue[W], max_texts: int, max_tokens: int, windo
     if current:
         passes.append(current)
     return passes
+
+
+def top_up(units: list[W], queue: FairQueue[W], max_texts: int, max_tokens: int, max_units: int) -> list[W]:
+    """A planned bulk pass that is not full (the short end of a window) filled up, at hand-over time,
+    with bulk units of its priority that arrived since it was planned, in the queue's order: a pass
+    of 6 texts where 16 fit would waste most of a forward pass's fixed cost."""
+    texts = sum(u.n_texts for u in units)
+    tokens = sum(u.cost for u in units)
+    while len(units) < max_units:
+        nxt = queue.peek()
+        if (nxt is None or nxt.interactive or nxt.priority != units[0].priority
+                or texts + nxt.n_texts > max_texts or tokens + nxt.cost > max_tokens):
+            break
+        queue.pop()
+        units.append(nxt)
+        texts += nxt.n_texts
+        tokens += nxt.cost
+    return units

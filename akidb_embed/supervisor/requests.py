@@ -103,6 +103,7 @@ class RequestTable:
         self._peers = peers
         self.live: dict[int, Request] = {}
         self.peer_tokens: dict[bytes, int] = {}   # estimated tokens of each client's live requests
+        self.total_tokens = 0                     # ... and of every client's
         self._heap: list[tuple[float, int, Request]] = []
         self._seq = 0
 
@@ -119,6 +120,7 @@ class RequestTable:
     def add(self, req: Request) -> None:
         self.live[req.seq] = req
         self.peer_tokens[req.peer] = self.peer_tokens.get(req.peer, 0) + req.est_tokens
+        self.total_tokens += req.est_tokens
         if self._peers is not None:
             self._peers.add(req)
         heapq.heappush(self._heap, (req.deadline, req.seq, req))
@@ -141,6 +143,7 @@ class RequestTable:
         req.state = RState.ANSWERED
         req.parts = None
         if self.live.pop(req.seq, None) is not None:
+            self.total_tokens -= req.est_tokens
             left = self.peer_tokens.get(req.peer, 0) - req.est_tokens
             if left > 0:
                 self.peer_tokens[req.peer] = left
@@ -173,6 +176,10 @@ class RequestTable:
         parts = [p for p in req.parts if p is not None]
         req.parts = None
         return self.answer(req, assemble_embed_parts(req.rid, parts), None, req.part_tokens)
+
+    def others_tokens(self, peer: bytes) -> int:
+        """Estimated tokens of every other client's live requests."""
+        return self.total_tokens - self.peer_tokens.get(peer, 0)
 
     def fail(self, req: Request, err: EmbedError) -> bool:
         return self.answer(req, error_response(req.rid, err), err.code.value)

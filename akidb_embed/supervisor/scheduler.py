@@ -17,7 +17,7 @@ from akidb_embed.protocol.errors import EmbedError, Overloaded, PoisonInput, Wor
 from akidb_embed.supervisor.config import BackendConfig
 from akidb_embed.supervisor.fairqueue import HIGH, PRIORITY_CLASSES, FairQueue
 from akidb_embed.supervisor.jobs import Job, make_jobs
-from akidb_embed.supervisor.passes import PassSizer, compose_pass, plan_bulk_window
+from akidb_embed.supervisor.passes import PassSizer, compose_pass, plan_bulk_window, top_up
 from akidb_embed.supervisor.process import WorkerProcess
 from akidb_embed.supervisor.quarantine import Quarantine
 from akidb_embed.supervisor.requests import Request, RequestTable
@@ -25,6 +25,7 @@ from akidb_embed.supervisor.requests import Request, RequestTable
 log = logging.getLogger(__name__)
 
 BULK_WINDOW_PASSES = 4    # with no query around, bulk work is sorted by length over this many passes
+BULK_DEPTH = 2            # ... and a worker holds this many passes
 
 
 @dataclass(eq=False)
@@ -65,7 +66,9 @@ class Scheduler:
         cls = self.default_priority if priority is None else PRIORITY_CLASSES[priority]
         jobs = make_jobs(req, self.cfg.part_tokens, cls, self.table.peer_tokens.get(req.peer, 0),
                          self.cfg.interactive_tokens)
-        if jobs[0].interactive:
+        if jobs[0].interactive and self.table.others_tokens(req.peer) > self.cfg.interactive_tokens:
+            # a query while other clients hold bulk work: keep their passes short for a while, so the
+            # next query does not wait behind a long one (without such work, short passes help nobody)
             self.sizer.note_interactive(time.monotonic(), high=cls == HIGH)
         for job in jobs:
             self.queue.push(job)
@@ -74,7 +77,7 @@ class Scheduler:
     def assign(self, ready: list[WorkerProcess]) -> dict[WorkerProcess, list[Job]]:
         """Hand waiting jobs to ready workers; returns what to send, one message per worker."""
         outbox: dict[WorkerProcess, list[Job]] = {}
-        if not ready:
+        if not ready or not (self.queue or self.staged or self.suspects):
             return outbox
         now = time.monotonic()
         lane = None
@@ -86,11 +89,13 @@ class Scheduler:
                     lane.isolating = True
                     self._hand(lane, [job], now, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
-        # one pass per worker: what waits stays here, where a newly arrived query can still go first
-        # (bulk passes are planned a few ahead, sorted by length, so holding them back costs no padding)
+        # while queries are around, one pass per worker: what waits stays here, where a newly arrived query
+        # can still go first (bulk passes are planned a few ahead, sorted by length, so holding them back
+        # costs no padding); otherwise two, so that the next pass is there the moment a worker ends one
+        depth = 1 if self.sizer.interactive(now) else BULK_DEPTH
         for w in ready:
             if w is not lane and not w.isolating:
-                if not self.passes.get(w.wid) and len(w.inflight) < self.cfg.max_inflight:
+                while len(self.passes.get(w.wid, ())) < depth and len(w.inflight) < self.cfg.max_inflight:
                     jobs = self._next_pass(now, self.cfg.max_inflight - len(w.inflight))
                     if not jobs:
                         return outbox
@@ -123,11 +128,12 @@ class Scheduler:
         return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size, max_units)
 
     def _at_most(self, jobs: list[Job], max_units: int) -> list[Job]:
-        """A planned pass cut to what the worker may still hold (max_inflight); the rest goes next."""
+        """A planned pass cut to what the worker may still hold (max_inflight), the rest going next;
+        or, when it is short, topped up with bulk work that arrived since it was planned."""
         if len(jobs) > max_units:
             self.staged.appendleft(jobs[max_units:])
             return jobs[:max_units]
-        return jobs
+        return top_up(jobs, self.queue, self.cfg.max_batch_size, self.cfg.max_batch_tokens, max_units)
 
     def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
         for job in jobs:
