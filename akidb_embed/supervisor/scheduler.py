@@ -25,7 +25,6 @@ from akidb_embed.supervisor.requests import Request, RequestTable
 log = logging.getLogger(__name__)
 
 BULK_WINDOW_PASSES = 4    # with no query around, bulk work is sorted by length over this many passes
-BULK_DEPTH = 2            # ... and a worker holds this many passes
 
 
 @dataclass(eq=False)
@@ -89,13 +88,11 @@ class Scheduler:
                     lane.isolating = True
                     self._hand(lane, [job], now, outbox)
         # a worker running a suspect alone gets nothing else until it is done, even when it is no longer the lane
-        # while queries are around, one pass per worker: what waits stays here, where a newly arrived query
-        # can still go first (bulk passes are planned a few ahead, sorted by length, so holding them back
-        # costs no padding); otherwise two, so that the next pass is there the moment a worker ends one
-        depth = 1 if self.sizer.interactive(now) else BULK_DEPTH
+        # one pass per worker: what waits stays here, where a newly arrived query can still go first
+        # (bulk passes are planned a few ahead, sorted by length, so holding them back costs no padding)
         for w in ready:
             if w is not lane and not w.isolating:
-                while len(self.passes.get(w.wid, ())) < depth and len(w.inflight) < self.cfg.max_inflight:
+                if not self.passes.get(w.wid) and len(w.inflight) < self.cfg.max_inflight:
                     jobs = self._next_pass(now, self.cfg.max_inflight - len(w.inflight))
                     if not jobs:
                         return outbox
