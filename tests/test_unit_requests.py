@@ -590,3 +590,61 @@ def test_suspects_answered_meanwhile_no_longer_count_as_waiting():
     assert s.waiting() == 2
     t.table.fail(a, Timeout("deadline"))
     assert s.waiting() == 1
+
+
+def _admitted(s: Scheduler, t: Table, peer: bytes, text: str, priority: str | None = None) -> Request:
+    r = t.table.create([peer], None, b"", [text], "m", 60.0, time.monotonic())
+    s.admit(r, priority)
+    t.table.add(r)                                   # the supervisor's order: admitted, then recorded
+    return r
+
+
+def _handed(s: Scheduler, w: FakeWorker) -> list:
+    s.assign([w])
+    return list(w.inflight.values())
+
+
+def _finish(s: Scheduler, w: FakeWorker) -> None:
+    for seq in list(w.inflight):
+        s.finished(w, seq)
+
+
+def test_bulk_passes_are_sorted_by_length_and_sized_for_the_queries_around():
+    s, t = scheduler()
+    s.sizer.s_per_token = 0.040 / 400                # learned: 40 ms (latency_pass_ms) = 400 tokens
+    s.sizer.observe = lambda tokens, seconds: None   # and kept (these passes take no time)
+    _admitted(s, t, b"ingest", "x" * 4 * 500)      # from then on the ingest's requests are not queries
+    for n in (90, 30, 70, 10, 50, 80, 20, 60, 40) * 3:   # estimated tokens: n + 2
+        _admitted(s, t, b"ingest", "x" * 4 * n)
+    w = worker()
+    first = [j.cost for j in _handed(s, w)]           # no query around: a full pass, the shortest texts
+    assert first == sorted(first) and len(first) == 16 and first[0] == 12
+    query = _admitted(s, t, b"search", "what is a vector database?")
+    for n in (25, 5, 15):                            # more ingest, shorter than what waits
+        _admitted(s, t, b"ingest", "x" * 4 * n)
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [query]            # the query next, alone
+    _finish(s, w)
+    costs = [j.cost for j in _handed(s, w)]
+    assert costs == sorted(costs) and costs[:3] == [7, 17, 27] and sum(costs) <= 400   # one short pass, sorted
+
+
+def test_passes_planned_before_a_high_priority_query_are_planned_again_shorter():
+    s, t = scheduler()
+    s.sizer.s_per_token = 0.040 / 400                # 400 tokens in 40 ms; 200 in 20 ms (high_latency_pass_ms)
+    s.sizer.observe = lambda tokens, seconds: None
+    _admitted(s, t, b"ingest", "x" * 4 * 500)
+    for _ in range(40):
+        _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each
+    w = worker()
+    assert sum(j.cost for j in _handed(s, w)) == 1600          # no query around: 16 texts
+    query = _admitted(s, t, b"search", "q")
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [query]
+    _finish(s, w)
+    assert sum(j.cost for j in _handed(s, w)) == 400 and s.staged   # planned again for 40 ms passes
+    high = _admitted(s, t, b"search2", "urgent", "high")
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [high]
+    _finish(s, w)
+    assert sum(j.cost for j in _handed(s, w)) == 200            # and again for 20 ms passes

@@ -24,7 +24,8 @@ from akidb_embed.supervisor.requests import Request, RequestTable
 
 log = logging.getLogger(__name__)
 
-BULK_WINDOW_PASSES = 4    # with no query around, bulk work is sorted by length over this many passes
+BULK_WINDOW_PASSES = 4    # bulk work is sorted by length over this many passes' worth of texts
+REPLAN_SHARE = 0.75       # planned passes are planned again when the pass budget falls below this share
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Scheduler:
         self.default_priority = PRIORITY_CLASSES[cfg.default_priority]
         self.suspects: deque[Job] = deque()   # run one at a time, alone on a worker, to find a poison input
         self.staged: deque[list[Job]] = deque()  # bulk passes planned ahead (sorted by length), not handed over yet
+        self._staged_budget = cfg.max_batch_tokens   # the pass budget (estimated tokens) they were planned with
         self.passes: dict[str, deque[_Pass]] = {}   # wid -> passes handed over and not finished, oldest first
         self._queued: dict[int, Request] = {}  # requests with jobs in the queue (max_queue counts these)
         self._pass_end: dict[str, float] = {}  # wid -> when its last pass ended (monotonic)
@@ -100,13 +102,11 @@ class Scheduler:
         return outbox
 
     def _next_pass(self, now: float, max_units: int) -> list[Job]:
-        """Queries and higher priorities first; bulk work in length-sorted passes planned a few ahead
-        while no query is around; otherwise one pass sized for the queries' sake."""
-        if self.staged and self.sizer.interactive(now):
-            for jobs in reversed(self.staged):   # queries are around: planned passes are too long now
-                for job in reversed(jobs):
-                    self.queue.push_front(job)
-            self.staged.clear()
+        """Queries and higher priorities first; bulk work in passes planned a few ahead, sorted by length
+        (little padding) and sized for the work around (short while queries are)."""
+        budget = self.sizer.budget(now)
+        if self.staged and budget < REPLAN_SHARE * self._staged_budget:
+            self._unstage()   # queries came (or high-priority ones): the passes planned are too long now
         nxt = self.queue.peek()
         while self.staged:
             jobs = [j for j in self.staged[0] if j.alive()]
@@ -117,12 +117,19 @@ class Scheduler:
                 break
             self.staged.popleft()
             return self._at_most(jobs, max_units)
-        if nxt is not None and not nxt.interactive and not self.sizer.interactive(now):
-            self.staged.extend(plan_bulk_window(self.queue, self.cfg.max_batch_size, self.cfg.max_batch_tokens,
-                                                BULK_WINDOW_PASSES))
+        if nxt is not None and not nxt.interactive:
+            self._staged_budget = budget
+            self.staged.extend(plan_bulk_window(self.queue, self.cfg.max_batch_size, budget, BULK_WINDOW_PASSES))
             if self.staged:
                 return self._at_most(self.staged.popleft(), max_units)
         return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size, max_units)
+
+    def _unstage(self) -> None:
+        """Planned passes back to the head of their queues, in order."""
+        for jobs in reversed(self.staged):
+            for job in reversed(jobs):
+                self.queue.push_front(job)
+        self.staged.clear()
 
     def _at_most(self, jobs: list[Job], max_units: int) -> list[Job]:
         """A planned pass cut to what the worker may still hold (max_inflight), the rest going next;
@@ -130,7 +137,7 @@ class Scheduler:
         if len(jobs) > max_units:
             self.staged.appendleft(jobs[max_units:])
             return jobs[:max_units]
-        return top_up(jobs, self.queue, self.cfg.max_batch_size, self.cfg.max_batch_tokens, max_units)
+        return top_up(jobs, self.queue, self.cfg.max_batch_size, self._staged_budget, max_units)
 
     def _hand(self, w: WorkerProcess, jobs: list[Job], now: float, outbox: dict[WorkerProcess, list[Job]]) -> None:
         for job in jobs:
