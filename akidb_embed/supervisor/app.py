@@ -55,6 +55,9 @@ COALESCE_PENDING = 16    # with at least this many requests pending ...
 COALESCE_S = 0.002       # ... wait this long before polling, to handle frames in bulk
 FAST_STOP_S = 1.0        # after a second signal: SIGTERM to every worker, SIGKILL after this long
 METRICS_REFRESH_S = 1.0  # how old the gauges served by the [metrics] listener may be
+# plain ints for the per-message calls: pyzmq's enum constants cost a Flag object per operation
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
 
 
 class Supervisor:
@@ -194,13 +197,13 @@ class Supervisor:
         Plain sends: pyzmq's send_multipart costs ~5x more per part.
         """
         back = self.back
-        back.send(w.identity, zmq.SNDMORE)  # issue 11: route by the secret identity
+        back.send(w.identity, _SNDMORE)  # issue 11: route by the secret identity
         last = len(jobs) - 1
         now = time.monotonic()
         for i, p in enumerate(jobs):
             header, frame = embed_job(p.seq, p.budget_ms(now), p.frame)
-            back.send(header, zmq.SNDMORE)
-            back.send(frame, zmq.SNDMORE if i < last else 0)
+            back.send(header, _SNDMORE)
+            back.send(frame, _SNDMORE if i < last else 0)
 
     def send_stop(self, w: WorkerProcess) -> None:
         self.back.send_multipart([w.identity, worker_header(WorkerMsg.STOP)])
@@ -208,8 +211,8 @@ class Supervisor:
     def _reply(self, route: list[bytes], frame: bytes) -> None:
         try:
             for part in route:
-                self.front.send(part, zmq.SNDMORE | zmq.NOBLOCK)
-            self.front.send(frame, zmq.NOBLOCK)
+                self.front.send(part, _SNDMORE | _NOBLOCK)
+            self.front.send(frame, _NOBLOCK)
         except zmq.Again:  # issue 11: its queue is full (answer_hwm): it does not read its answers
             if self.peers.mark_stalled(route[0]):
                 self._warn.warning("stalled", "answers dropped: a client does not read them (answer_hwm = %d)",
@@ -312,9 +315,9 @@ class Supervisor:
                   copy: bool = True) -> None:
         # ZMQ_EVENTS is a cheap getsockopt; ending the drain on zmq.Again would build an exception each time
         for _ in range(limit):
-            if not cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
-            handler(sock.recv_multipart(zmq.NOBLOCK, copy=copy))
+            handler(sock.recv_multipart(_NOBLOCK, copy=copy))
 
     # ---- client side -----------------------------------------------------------------------------
     def _on_curve_frames(self, parts: list[Any]) -> None:
