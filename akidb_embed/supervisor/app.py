@@ -499,9 +499,9 @@ class Supervisor:
             log.exception("frame %r from worker %s dropped: internal error while handling it", kind, ident)
 
     def _on_done(self, pool: BackendPool, w: WorkerProcess, first: dict[str, Any], frames: list[bytes]) -> None:
-        """[wid, header1, answer1, header2, answer2, ...]: forward each answer as is (a part's answer waits
-        for its siblings), then dispatch once."""
-        answered = self.table.job_answered
+        """[wid, header1, answer1, header2, answer2, ...]: the worker's next pass first (it waits for it),
+        then each answer forwarded as is (a part's answer waits for its siblings)."""
+        done = []
         for i in range(1, len(frames), 2):
             try:
                 header = first if i == 1 else parse_header(frames[i])
@@ -511,12 +511,14 @@ class Supervisor:
             seq = header.get("seq")
             job = pool.job_done(w, seq) if type(seq) is int else None
             if job is not None and not job.probe:
-                code, tokens = header.get("code"), header.get("tokens")
-                answered(job.req, job.index, frames[i + 1], code if isinstance(code, str) else None,
-                         tokens if type(tokens) is int else None)
+                done.append((job, frames[i + 1], header.get("code"), header.get("tokens")))
+        pool.pump()
+        answered = self.table.job_answered
+        for job, frame, code, tokens in done:
+            answered(job.req, job.index, frame, code if isinstance(code, str) else None,
+                     tokens if type(tokens) is int else None)
         if "passes" in first:
             pool.batches_run(w, first["passes"])
-        pool.pump()
 
     def _on_worker_exit(self, w: WorkerProcess) -> None:
         """Its lifeline closed: collect the exit code, without blocking the loop (it serves every backend)."""
