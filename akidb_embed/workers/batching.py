@@ -1,11 +1,10 @@
 """Group the texts of all waiting requests into forward passes of similar length."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):  # a tuple: hashed and built in C (a dict key per text in every pass)
     job: int    # index of the request in the drained list
     row: int    # index of the text within that request
 
