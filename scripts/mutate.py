@@ -64,7 +64,8 @@ TARGETS: dict[str, tuple[str, list[str], list[str]]] = {
                                                      "Worker._reply_error", "Worker._job_tokens", "Worker._flush"],
                      ["tests/test_unit_loop.py"]),
     "client.ids": ("akidb_embed/client.py", ["Client._call", "AsyncClient._read", "AsyncClient._call"],
-                   ["tests/test_unit_client_ids.py"]),
+                   ["tests/test_unit_client_ids.py",   # + the blocking wait noticing a lost server (real processes)
+                    "tests/test_supervision.py::test_blocking_call_on_a_killed_server_fails_fast_and_the_client_reconnects"]),
 }
 
 
