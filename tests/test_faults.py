@@ -76,7 +76,7 @@ def test_sigkill_worker_mid_batch(serve):
         [backends.m]
         kind = "mock"
         dim = 8
-        delay_ms = 1000
+        delay_ms = 500
         timeout_s = 30
     """)
     [pid] = server.worker_pids("m")
