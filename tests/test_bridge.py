@@ -228,7 +228,7 @@ def test_worker_sigkilled_mid_request_is_answered_and_replaced(serve):
         [backends.m]
         kind = "mock"
         dim = 8
-        delay_ms = 2000
+        delay_ms = 1000
     """)
     [old_pid] = server.worker_pids("m")
     outcome: dict[str, object] = {}

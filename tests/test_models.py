@@ -333,6 +333,7 @@ def test_seed_short_names_resolve_to_hub_ids(cache: Path, fake_hub: list[str]) -
     assert entry == cache / "mlx-community--Qwen3-Embedding-0.6B-4bit-DWQ"
 
 
+@pytest.mark.slow   # loads a sentence-transformers backend (torch) in this process
 def test_configured_alias_served_from_a_local_hub(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A [models.aliases] name, fetched by snapshot_download from a directory standing in for the hub, served."""
     import huggingface_hub

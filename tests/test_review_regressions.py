@@ -138,7 +138,7 @@ def test_blocking_client_accepts_a_huge_timeout(serve):
 # AsyncClient.close() left the futures of calls in flight pending: each caller hung for its whole
 # wait (120 s by default) and then got a misleading TIMEOUT.
 def test_async_client_close_fails_calls_in_flight(serve):
-    server = serve("[supervisor]\ndrain_timeout_s = 0.5\nstop_timeout_s = 0.5\n" + MOCK
+    server = serve("[supervisor]\ndrain_timeout_s = 0.1\nstop_timeout_s = 0.1\n" + MOCK   # a quick teardown
                    + "delay_ms = 20000\nhang_grace_s = 60\n")
 
     async def main():

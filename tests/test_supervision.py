@@ -304,7 +304,7 @@ def group_server(tmp_path):
             except EmbedError:
                 return False
         if ready:
-            poll_until(ready, 60, 0.1)
+            poll_until(ready, 60, 0.02)
         return server
 
     yield start
@@ -450,10 +450,15 @@ def test_async_calls_on_a_killed_server_fail_fast(group_server):
     async def main():
         async with AsyncClient(server.endpoint) as ac:
             calls = [asyncio.ensure_future(ac.embed([f"lost {i}"], timeout=60)) for i in range(4)]
-            for _ in range(100):
-                if server.status()["backends"]["m"]["in_flight"] == 4:
+            # all four held by the server: one in the worker's hands, three queued behind its 30 s pass (waiting
+            # for in_flight == 4 never happened and only cost 5 s before the kill)
+            for _ in range(200):
+                st = server.status()["backends"]["m"]
+                if st["in_flight"] + st["queue"] == 4 and st["in_flight"] >= 1:
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail(f"the four calls never reached the server: {st}")
             t0 = time.monotonic()
             server.killpg(signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
