@@ -297,14 +297,14 @@ def group_server(tmp_path):
         server = GroupServer(d, body, endpoint)
         servers.append(server)
 
-        def ready() -> bool:
+        def is_ready() -> bool:
             assert server.proc.poll() is None, server.log()
             try:
                 return server.status()["backends"]["m"]["state"] == "READY"
             except EmbedError:
                 return False
         if ready:
-            poll_until(ready, 60, 0.02)
+            poll_until(is_ready, 60, 0.02)
         return server
 
     yield start
