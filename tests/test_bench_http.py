@@ -33,8 +33,12 @@ class OpenAIShaped(BaseHTTPRequestHandler):
         pass
 
 
+class Backlogged(ThreadingHTTPServer):
+    request_queue_size = 256   # 64 clients connect at once: the default listen backlog of 5 drops some on a busy box
+
+
 def test_bench_http_runs_the_workload_against_an_openai_shaped_server(tmp_path) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OpenAIShaped)
+    server = Backlogged(("127.0.0.1", 0), OpenAIShaped)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1/embeddings"
     out = tmp_path / "bench.json"
