@@ -319,6 +319,9 @@ def test_default_limits_are_the_documented_ones():
     limits = messages.DEFAULT_LIMITS
     assert limits == messages.Limits() == messages.Limits(8 * 2**20, 4096, 256 * 2**10)
     assert messages.MAX_ID_BYTES == 256 and messages.MAX_PROMPT_CHARS == 4096
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):      # shared by every parse: nobody may change them
+        limits.max_frame_bytes = 2**40
 
 
 def test_a_frame_exactly_at_max_frame_bytes_is_accepted_and_one_byte_more_is_payload_too_large():
@@ -416,3 +419,53 @@ def test_clip_quotes_a_value_and_cuts_it_to_200_characters_saying_how_long_it_wa
     err = bad(op="o" * 10**5)                                                   # an unknown op is quoted clipped
     assert len(err.message) < 400 and "... (202 chars)" in err.message
     assert len(bad(v="9" * 10**5).message) < 400
+
+
+# ---- embed options ------------------------------------------------------------------------------------
+
+def test_embed_options_at_their_bounds():
+    for name in ("prompt", "prompt_name"):
+        assert getattr(parse_request(frame(**{name: "p" * 4096})), name) == "p" * 4096
+        err = bad(**{name: "p" * 4097})
+        assert f"{name!r} is longer than 4096" in err.message and err.request_id == 7
+    assert "not both" in bad(prompt="", prompt_name="q").message
+    assert parse_request(frame(dimensions=1)).dimensions == 1
+    for dims in (0, -3):
+        assert "'dimensions' must be a positive" in bad(dimensions=dims).message
+    assert parse_request(frame(timeout_ms=1)).timeout_ms == 1
+    for side in ("end", "start", "none"):
+        assert parse_request(frame(truncate=side)).truncate == side
+    assert "end, start, none" in bad(truncate="middle").message
+    assert parse_request(frame(deadline_unix_ms=1_700_000_000_000)).deadline_unix_ms == 1_700_000_000_000
+    assert "'deadline_unix_ms' must be int" in bad(deadline_unix_ms="soon").message
+    assert parse_request(frame(normalize=None, dtype=None, truncate=None)) == EmbedRequest(id=7, texts=["a"])
+
+
+def test_version_must_be_the_integer_1():
+    for v in (True, 1.0, "1", 0):
+        assert "version" in bad(v=v).message
+    assert parse_request(frame(v=1)).id == 7
+
+
+def test_a_frame_that_is_not_a_map_is_bad_request_without_an_id():
+    for obj in ([7], "id", 7):
+        with pytest.raises(RequestError) as exc:
+            parse_request(codec.pack(obj))
+        assert exc.value.request_id is None and "must be a msgpack map" in exc.value.message
+    with pytest.raises(RequestError) as exc:
+        parse_request(codec.pack({"v": 1, "id": 3}) + b"\xc1")              # broken after the id
+    assert exc.value.request_id == 3 and "not valid msgpack" in exc.value.message
+
+
+def test_embed_response_carries_per_text_tokens_and_truncated_rows_only_when_given():
+    vec = np.zeros((2, 3), dtype=np.float32)
+    full = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=1,
+                                                tokens=[5, 512], truncated_rows=[False, True]))
+    assert full["tokens"] == [5, 512] and full["truncated_rows"] == [False, True] and full["truncated"] == 1
+    assert codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0,
+                                                tokens=[], truncated_rows=[]))["tokens"] == []
+    bare = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0))
+    assert "tokens" not in bare and "truncated_rows" not in bare
+    only = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0,
+                                                truncated_rows=[False, False]))
+    assert "tokens" not in only and only["truncated_rows"] == [False, False]
