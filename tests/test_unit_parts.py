@@ -78,6 +78,7 @@ def test_a_request_within_one_part_is_one_job_carrying_the_client_frame() -> Non
     [job] = make_jobs(req, 44, 1, 0, 256)
     assert job.frame == req.frame and job.texts == texts and job.cost == 44 and req.parts is None
     assert job.deadline == req.deadline and job.priority == 1
+    assert job.index == 0                                     # "0 when it is whole" (jobs.py)
 
 
 def test_a_larger_request_is_cut_into_parts_in_order() -> None:
@@ -111,3 +112,14 @@ def test_one_part_is_its_own_answer_and_a_count_missing_from_a_part_counts_zero(
     assert out["truncated"] == 2 and out["shape"] == [4, 3]
     out = unpack(assemble_embed_parts(5, [pack(without), pack(without)]))
     assert "truncated" not in out                         # a count no part reported is not made up
+
+
+def test_budget_ms_is_the_time_left_in_whole_milliseconds_and_never_below_one() -> None:
+    # docs/protocol.md, worker channel: `budget_ms` (int >= 1, milliseconds left until the deadline)
+    from akidb_embed.supervisor.jobs import Job
+    job = Job(1, _request(["a"]), 0, b"", ["a"], 1, 1, False, deadline=100.0)
+    assert job.budget_ms(98.0) == 2000 and type(job.budget_ms(98.0)) is int
+    assert job.budget_ms(99.9995) == 1                        # 0.5 ms left: rounded down, floored at 1
+    assert job.budget_ms(99.99) == 10
+    assert job.budget_ms(100.0) == 1                          # at or past the deadline the worker still gets 1
+    assert job.budget_ms(250.0) == 1

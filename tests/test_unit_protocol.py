@@ -21,12 +21,18 @@ from akidb_embed.protocol.messages import (
 # docs/protocol.md: which codes a client may retry
 RETRYABLE = {"BAD_REQUEST": False, "UNKNOWN_BACKEND": False, "BACKEND_UNAVAILABLE": True, "TIMEOUT": True,
              "WORKER_DIED": True, "OVERLOADED": True, "POISON_INPUT": False, "SHUTTING_DOWN": True,
-             "SERVER_UNAVAILABLE": True, "INTERNAL": False}
+             "SERVER_UNAVAILABLE": True, "INTERNAL": False, "INPUT_TOO_LONG": False, "PAYLOAD_TOO_LARGE": False,
+             "UNAUTHORIZED": False}
 CLASSES = {"BAD_REQUEST": errors.BadRequest, "UNKNOWN_BACKEND": errors.UnknownBackend,
            "BACKEND_UNAVAILABLE": errors.BackendUnavailable, "TIMEOUT": errors.Timeout,
            "WORKER_DIED": errors.WorkerDied, "OVERLOADED": errors.Overloaded, "POISON_INPUT": errors.PoisonInput,
            "SHUTTING_DOWN": errors.ShuttingDown, "SERVER_UNAVAILABLE": errors.ServerUnavailable,
-           "INTERNAL": errors.InternalError}
+           "INTERNAL": errors.InternalError, "INPUT_TOO_LONG": errors.InputTooLong,
+           "PAYLOAD_TOO_LARGE": errors.PayloadTooLarge, "UNAUTHORIZED": errors.Unauthorized}
+
+
+def test_every_error_code_is_documented_here():
+    assert set(RETRYABLE) == set(CLASSES) == {c.value for c in ErrorCode}
 
 
 @pytest.mark.parametrize("code", sorted(RETRYABLE))
@@ -222,3 +228,244 @@ def test_priority_is_one_of_the_three_classes_or_absent():
     with pytest.raises(RequestError) as exc:
         parse_request(messages.request_frame(1, "embed", texts=["a"], priority="urgent"))
     assert "priority" in str(exc.value) and "high, normal, low" in str(exc.value)
+
+
+# ---- bounded decoding of untrusted frames (codec; docs/protocol.md "Limits") ------------------------
+
+def bounded(obj, max_str=10, max_array=100, **kw):
+    return codec.unpack_bounded(codec.pack(obj), max_str=max_str, max_array=max_array, **kw)
+
+
+def test_strings_bins_and_arrays_exactly_at_their_limit_decode_and_one_more_is_too_large():
+    assert bounded("a" * 10) == "a" * 10 and bounded(b"a" * 10) == b"a" * 10 and bounded([0] * 100) == [0] * 100
+    for obj, what, size in (("a" * 11, "a string", 11), ("é" * 6, "a string", 12), (b"a" * 11, "a string", 11),
+                            ([0] * 101, "an array", 101)):
+        with pytest.raises(codec.TooLarge) as exc:
+            bounded(obj)
+        assert (exc.value.what, exc.value.size, str(exc.value)) == (what, size, f"{what} of {size}")
+
+
+def test_at_most_32_arrays_and_maps_per_frame():
+    assert codec.MAX_CONTAINERS == 32
+    for empty in ([], {}):
+        assert bounded([empty] * 31) == [empty] * 31          # 31 + the outer array: 32
+        with pytest.raises(ValueError, match="more than 32 arrays and maps") as exc:
+            bounded([empty] * 32)
+        assert not isinstance(exc.value, codec.TooLarge)
+    mixed = {"a": [[]] * 15, "b": [{}] * 14}                  # arrays and maps count together: 1 + 2 + 29
+    assert bounded(mixed) == mixed
+    with pytest.raises(ValueError, match="more than 32"):
+        bounded({**mixed, "b": [{}] * 15})
+    # the count is per frame, not per process
+    assert bounded([[]] * 31) == bounded([[]] * 31)
+
+
+def test_maps_hold_at_most_64_pairs_with_string_keys_and_no_ext_types():
+    assert len(bounded({str(i): i for i in range(64)})) == 64
+    assert len(bounded({str(i): i for i in range(8)}, max_map=8)) == 8
+    for obj in ({str(i): i for i in range(65)}, {1: 2}, msgpack.ExtType(1, b"x"), [msgpack.ExtType(1, b"xy")]):
+        with pytest.raises(ValueError) as exc:
+            bounded(obj)
+        assert not isinstance(exc.value, codec.TooLarge)
+    assert bounded({"k": "v"}) == {"k": "v"}                 # str, not bytes
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xc1", b"\x92\x01", b"\x81\xa1k"])
+def test_garbage_is_a_plain_value_error(raw):
+    with pytest.raises(ValueError) as exc:
+        codec.unpack_bounded(raw, max_str=10, max_array=10)
+    assert not isinstance(exc.value, codec.TooLarge)
+
+
+def test_peek_field_reads_only_the_first_4_kib_and_16_pairs():
+    # docs/protocol.md: the id of a frame too big or broken is read from the map's first 4 KiB
+    at_4096 = codec.pack({"pad": "x" * 4084, "id": 5})      # the id's value is byte 4096
+    assert len(at_4096) == 4096 and codec.peek_field(at_4096 + b"\xc1" * 64, "id") == 5
+    at_4097 = codec.pack({"pad": "x" * 4085, "id": 5})
+    assert len(at_4097) == 4097 and codec.peek_field(at_4097, "id") is None
+    pads = {f"p{i}": i for i in range(16)}
+    assert codec.peek_field(codec.pack({**dict(list(pads.items())[:15]), "id": 5}), "id") == 5   # 16th pair
+    assert codec.peek_field(codec.pack({**pads, "id": 5}), "id") is None                         # 17th pair
+
+
+def test_peek_field_skips_other_values_and_returns_only_short_scalars():
+    assert codec.peek_field(codec.pack({"a": "id", "id": 3}), "id") == 3     # a value equal to the name is no key
+    assert codec.peek_field(codec.pack({"v": 1, "id": "s", "op": "x" * 5000}), "id") == "s"
+    for frame in (codec.pack({"id": [1]}), codec.pack({"id": {"a": 1}}), codec.pack({"id": msgpack.ExtType(1, b"x")}),
+                  codec.pack([1, "id", 3]), codec.pack({"ids": 3}), b"", b"\xc1"):
+        assert codec.peek_field(frame, "id") is None
+
+
+# ---- request limits (messages; docs/protocol.md "Limits") -----------------------------------------------
+
+def sized_frame(size: int, text_bytes: int, rid=7) -> bytes:
+    """An embed frame of exactly ``size`` bytes whose texts are at most ``text_bytes`` bytes each."""
+    n = 1
+    while True:
+        texts = ["x" * text_bytes] * n
+        base = len(frame(id=rid, texts=texts + [""]))
+        if base + text_bytes >= size:
+            break
+        n += 1
+    last = size - base
+    for _ in range(4):                  # the last text's length prefix grows with it
+        raw = frame(id=rid, texts=texts + ["y" * last])
+        last += size - len(raw)
+    assert len(raw) == size and last <= text_bytes
+    return raw
+
+
+def test_default_limits_are_the_documented_ones():
+    limits = messages.DEFAULT_LIMITS
+    assert limits == messages.Limits() == messages.Limits(8 * 2**20, 4096, 256 * 2**10)
+    assert messages.MAX_ID_BYTES == 256 and messages.MAX_PROMPT_CHARS == 4096
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):      # shared by every parse: nobody may change them
+        limits.max_frame_bytes = 2**40
+
+
+def test_a_frame_exactly_at_max_frame_bytes_is_accepted_and_one_byte_more_is_payload_too_large():
+    top = 8 * 2**20
+    req = parse_request(sized_frame(top, 256 * 2**10))
+    assert isinstance(req, EmbedRequest) and sum(len(t) for t in req.texts) > top - 1000
+    with pytest.raises(messages.PayloadTooLarge) as exc:
+        parse_request(sized_frame(top + 1, 256 * 2**10, rid="big"))
+    err = exc.value
+    assert err.code == ErrorCode.PAYLOAD_TOO_LARGE and err.retryable is False and err.request_id == "big"
+    assert f"max_frame_bytes = {top}" in err.message and f"{top + 1} bytes" in err.message
+    small = messages.Limits(max_frame_bytes=200)
+    assert isinstance(parse_request(sized_frame(200, 50), small), EmbedRequest)
+    with pytest.raises(messages.PayloadTooLarge):
+        parse_request(sized_frame(201, 50), small)
+
+
+def test_a_text_exactly_at_max_text_bytes_is_accepted_and_one_byte_more_is_payload_too_large():
+    top = 256 * 2**10
+    assert parse_request(frame(texts=["é" * (top // 2)])).texts == ["é" * (top // 2)]   # UTF-8 bytes count
+    for over in (frame(texts=["a", "é" * (top // 2) + "a"]), frame(backend="b" * (top + 1))):
+        with pytest.raises(messages.PayloadTooLarge) as exc:
+            parse_request(over)
+        assert exc.value.request_id == 7 and exc.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+        assert f"{top + 1} bytes" in exc.value.message and f"max_text_bytes = {top}" in exc.value.message
+
+
+def test_max_texts_per_request_is_configurable_below_the_hard_cap_of_4096():
+    three = messages.Limits(max_texts_per_request=3)
+    assert len(parse_request(frame(texts=["a"] * 3), three).texts) == 3
+    with pytest.raises(RequestError) as exc:
+        parse_request(frame(texts=["a"] * 4), three)
+    assert exc.value.request_id == 7 and "too many texts (4)" in exc.value.message and "at most 3" in exc.value.message
+    loose = messages.Limits(max_texts_per_request=5000)     # the config refuses this; the parser holds anyway
+    assert "too many texts" in pytest.raises(RequestError, parse_request, frame(texts=["a"] * 4097), loose).value.message
+
+
+def test_the_worker_limits_let_through_whatever_the_supervisor_may_accept():
+    from akidb_embed.supervisor.guard import MAX_FRAME_CEILING
+    w = messages.WORKER_LIMITS
+    assert w.max_frame_bytes >= MAX_FRAME_CEILING and w.max_text_bytes >= MAX_FRAME_CEILING
+    assert w.max_texts_per_request == MAX_TEXTS_PER_REQUEST
+    text = "x" * (300 * 2**10)                                 # over the default max_text_bytes
+    assert parse_request(frame(texts=[text]), w).texts == [text]
+
+
+# ---- ids ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rid", [0, -2**63, 2**64 - 1, "", "x" * 256, "é" * 128])
+def test_ids_within_64_bits_or_256_utf8_bytes_are_valid(rid):
+    assert messages.valid_id(rid) and messages.echo_id(rid) == rid
+    assert parse_request(frame(id=rid)).id == rid
+
+
+@pytest.mark.parametrize("rid", [-2**63 - 1, 2**64, "x" * 257, "é" * 129, True, 1.5, b"x", None, [1]])
+def test_other_ids_are_invalid(rid):
+    assert not messages.valid_id(rid)
+
+
+@pytest.mark.parametrize("rid, echoed", [(True, True), (False, False), (1.5, 1.5), (b"b" * 256, b"b" * 256),
+                                         (b"b" * 257, None), ("x" * 257, None), (2**64, None), ([1], None),
+                                         ({"a": 1}, None), (None, None)])
+def test_an_invalid_id_is_echoed_only_when_it_is_a_short_scalar(rid, echoed):
+    got = messages.echo_id(rid)
+    assert got == echoed and type(got) is type(echoed)
+
+
+@pytest.mark.parametrize("rid", [b"b" * 256, "x" * 257, b"b" * 257])
+def test_a_wrongly_typed_id_is_refused_with_what_can_be_echoed(rid):
+    err = bad(id=rid)
+    assert "'id'" in err.message and err.request_id == messages.echo_id(rid)
+
+
+def test_peek_id_reads_the_id_of_an_unreadable_frame():
+    assert messages.peek_id(codec.pack({"v": 1, "id": 9, "op": "x" * 5000})) == 9
+    assert messages.peek_id(codec.pack({"v": 1, "id": "s"})[:-1] + b"\xc1") is None     # cut inside the id
+    assert messages.peek_id(codec.pack({"id": "x" * 300, "texts": []})) is None         # read, but not an id
+    assert messages.peek_id(codec.pack({"id": 1.5}) + b"\xc1") == 1.5
+    assert messages.peek_id(b"\xc1") is None
+
+
+# ---- clip ---------------------------------------------------------------------------------------------
+
+def test_clip_quotes_a_value_and_cuts_it_to_200_characters_saying_how_long_it_was():
+    assert messages.CLIP_CHARS == 200
+    assert messages.clip(5) == "5" and messages.clip(None) == "None" and messages.clip("ab") == "'ab'"
+    assert messages.clip("x" * 198) == repr("x" * 198)                         # 200 characters: whole
+    assert messages.clip("x" * 199) == repr("x" * 199)[:200] + "... (201 chars)"
+    assert messages.clip("x" * 300) == repr("x" * 300)[:200] + "... (302 chars)"
+    assert messages.clip("x" * 800).endswith("... (802 chars)")                 # short enough to repr whole
+    assert messages.clip("x" * 801) == repr("x" * 200)[:200] + "... (202 chars)"   # long: only its head is read
+    assert messages.clip(b"y" * 10**6) == repr(b"y" * 200)[:200] + "... (203 chars)"
+    assert messages.clip(list(range(100))) == repr(list(range(100)))[:200] + "... (390 chars)"
+    assert messages.clip("abcd", 3) == "'ab... (6 chars)" and messages.clip("abc", 5) == "'abc'"
+    err = bad(op="o" * 10**5)                                                   # an unknown op is quoted clipped
+    assert len(err.message) < 400 and "... (202 chars)" in err.message
+    assert len(bad(v="9" * 10**5).message) < 400
+
+
+# ---- embed options ------------------------------------------------------------------------------------
+
+def test_embed_options_at_their_bounds():
+    for name in ("prompt", "prompt_name"):
+        assert getattr(parse_request(frame(**{name: "p" * 4096})), name) == "p" * 4096
+        err = bad(**{name: "p" * 4097})
+        assert f"{name!r} is longer than 4096" in err.message and err.request_id == 7
+    assert "not both" in bad(prompt="", prompt_name="q").message
+    assert parse_request(frame(dimensions=1)).dimensions == 1
+    for dims in (0, -3):
+        assert "'dimensions' must be a positive" in bad(dimensions=dims).message
+    assert parse_request(frame(timeout_ms=1)).timeout_ms == 1
+    for side in ("end", "start", "none"):
+        assert parse_request(frame(truncate=side)).truncate == side
+    assert "end, start, none" in bad(truncate="middle").message
+    assert parse_request(frame(deadline_unix_ms=1_700_000_000_000)).deadline_unix_ms == 1_700_000_000_000
+    assert "'deadline_unix_ms' must be int" in bad(deadline_unix_ms="soon").message
+    assert parse_request(frame(normalize=None, dtype=None, truncate=None)) == EmbedRequest(id=7, texts=["a"])
+
+
+def test_version_must_be_the_integer_1():
+    for v in (True, 1.0, "1", 0):
+        assert "version" in bad(v=v).message
+    assert parse_request(frame(v=1)).id == 7
+
+
+def test_a_frame_that_is_not_a_map_is_bad_request_without_an_id():
+    for obj in ([7], "id", 7):
+        with pytest.raises(RequestError) as exc:
+            parse_request(codec.pack(obj))
+        assert exc.value.request_id is None and "must be a msgpack map" in exc.value.message
+    with pytest.raises(RequestError) as exc:
+        parse_request(codec.pack({"v": 1, "id": 3}) + b"\xc1")              # broken after the id
+    assert exc.value.request_id == 3 and "not valid msgpack" in exc.value.message
+
+
+def test_embed_response_carries_per_text_tokens_and_truncated_rows_only_when_given():
+    vec = np.zeros((2, 3), dtype=np.float32)
+    full = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=1,
+                                                tokens=[5, 512], truncated_rows=[False, True]))
+    assert full["tokens"] == [5, 512] and full["truncated_rows"] == [False, True] and full["truncated"] == 1
+    assert codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0,
+                                                tokens=[], truncated_rows=[]))["tokens"] == []
+    bare = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0))
+    assert "tokens" not in bare and "truncated_rows" not in bare
+    only = codec.unpack(messages.embed_response(1, vec, dtype="float32", backend="b", model="m", truncated=0,
+                                                truncated_rows=[False, False]))
+    assert "tokens" not in only and only["truncated_rows"] == [False, False]
