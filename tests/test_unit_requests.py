@@ -648,3 +648,17 @@ def test_passes_planned_before_a_high_priority_query_are_planned_again_shorter()
     assert [j.req for j in _handed(s, w)] == [high]
     _finish(s, w)
     assert sum(j.cost for j in _handed(s, w)) == 200            # and again for 20 ms passes
+
+
+def test_high_priority_bulk_goes_before_normal_passes_planned_earlier():
+    s, t = scheduler()
+    _admitted(s, t, b"ingest", "x" * 4 * 500)
+    for _ in range(40):
+        _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each: windows of 16-text passes
+    w = worker()
+    assert len(_handed(s, w)) == 16 and s.staged      # more normal passes planned
+    urgent = _admitted(s, t, b"ops", "x" * 4 * 400, "high")   # bulk (not a query), high priority
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [urgent]  # next, not after the passes planned before it
+    _finish(s, w)
+    assert {j.req.peer for j in _handed(s, w)} == {b"ingest"}
