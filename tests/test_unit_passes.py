@@ -196,3 +196,11 @@ def test_nothing_is_planned_when_no_bulk_work_is_next() -> None:
     assert plan_bulk_window(q, 16, 10**6, 4) == []
     q.push(W(b"q", 5, interactive=True))
     assert plan_bulk_window(q, 16, 10**6, 4) == [] and len(q) == 1
+
+
+def test_every_bulk_pass_of_a_window_gets_the_whole_token_budget() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    for cost in (50, 50, 50, 50, 50, 51):
+        q.push(W(b"bulk", cost))
+    passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=4)
+    assert [[w.cost for w in p] for p in passes] == [[50, 50], [50, 50], [50], [51]]
