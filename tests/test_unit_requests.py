@@ -792,3 +792,34 @@ def test_answered_requests_in_planned_passes_are_not_handed_over():
     _finish(s, w)
     got = _handed(s, w)
     assert got and all(not j.req.answered for j in got)
+
+
+def test_fail_waiting_answers_the_requests_of_planned_passes_too():
+    s, t = scheduler()
+    reqs = _ingest(s, t, [500] + [100] * 40)
+    w = worker()
+    handed = {j.req for j in _handed(s, w)}
+    assert s.staged                                  # passes planned, not handed over
+    s.fail_waiting(Overloaded("stopped"))
+    assert all(r.answered for r in reqs if r not in handed) and not any(r.answered for r in handed)
+    assert [code for _, code in t.codes()] == ["OVERLOADED"] * (len(reqs) - len(handed))
+    assert s.assign([worker("m.2")]) == {}
+
+
+def test_a_request_of_exactly_interactive_tokens_from_a_client_with_nothing_else_is_a_query():
+    for tokens, query in ((256, True), (257, False)):
+        s, t = scheduler()                           # interactive_tokens = 256
+        _ingest(s, t, [500])
+        _admitted(s, t, b"search", _tokens(tokens))
+        assert s.sizer.interactive(time.monotonic()) is query   # a query meeting bulk shortens passes
+        assert [j.interactive for j in s.queue.units() if j.peer == b"search"] == [query]
+
+
+def test_a_worker_offered_nothing_still_gets_the_next_request():
+    s, t = scheduler()
+    late = queued(s, t, ["a"])
+    t.table.fail(late, Timeout("deadline"))          # what waited was answered meanwhile
+    w = worker()
+    assert s.assign([w]) == {} and not w.inflight
+    fresh = queued(s, t, ["b"])
+    assert [j.req for j in _handed(s, w)] == [fresh]
