@@ -201,3 +201,23 @@ def test_a_turn_ends_when_the_quantum_is_spent_exactly() -> None:
         q.push(U(b"b", 10, name="b"))
     # each new peer first gets one unit; then two 10-token units per 20-token turn, never three
     assert "".join(drain(q)) == "ababaabbaabbaabb"
+
+
+def test_a_peer_with_one_token_of_quantum_left_still_sends_its_next_unit():
+    q: FairQueue[U] = FairQueue(quantum=21)
+    for _ in range(6):
+        q.push(U(b"a", 10, name="a"))
+        q.push(U(b"b", 10, name="b"))
+    # one unit each as new peers (21 -> 11 left), then 11 and 1 left are both "some": two units a turn
+    assert "".join(drain(q)) == "ab" + "aabb" * 2 + "ab"
+
+
+def test_a_class_without_patience_waits_for_the_higher_ones():
+    q: FairQueue[U] = FairQueue(patience={NORMAL: 3})
+    for _ in range(10):
+        q.push(U(b"l", 10, LOW, "low"))
+    order = []
+    for _ in range(30):
+        q.push(U(b"h", 10, HIGH, "high"))
+        order.append(q.pop().name)
+    assert "low" not in order

@@ -165,3 +165,42 @@ def test_a_short_planned_pass_is_topped_up_with_bulk_work_of_its_priority_up_to_
     assert q.pop().interactive
     q.push(W(b"c", 1, priority=2))          # ... and so does work of another priority
     assert [w.cost for w in top_up(list(planned), q, 9, 10**6, 10)] == [10, 20, 60] and len(q) == 1
+
+
+def test_a_pass_is_topped_up_to_its_token_budget_exactly() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    for cost in (30, 40):
+        q.push(W(b"b", cost))
+    assert [w.cost for w in top_up([W(b"a", 30)], q, max_texts=9, max_tokens=100, max_units=10)] == [30, 30, 40]
+
+
+def test_bulk_passes_are_cut_at_their_token_budget_exactly_and_an_oversized_unit_runs_alone() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    for cost in (50, 50, 50, 300):
+        q.push(W(b"bulk", cost))
+    passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=4)
+    assert [[w.cost for w in p] for p in passes] == [[50, 50], [50], [300]]   # no empty pass before the big one
+
+
+def test_bulk_work_is_sorted_by_tokens_per_text() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    q.push(W(b"bulk", 10, n_texts=1))    # 10 per text
+    q.push(W(b"bulk", 18, n_texts=3))    # 6 per text: shorter texts, first
+    q.push(W(b"bulk", 8, n_texts=2))     # 4 per text
+    passes = plan_bulk_window(q, max_texts=2, max_tokens=10**6, window_passes=4)
+    assert [[w.cost for w in p] for p in passes] == [[8], [18], [10]]
+
+
+def test_nothing_is_planned_when_no_bulk_work_is_next() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    assert plan_bulk_window(q, 16, 10**6, 4) == []
+    q.push(W(b"q", 5, interactive=True))
+    assert plan_bulk_window(q, 16, 10**6, 4) == [] and len(q) == 1
+
+
+def test_every_bulk_pass_of_a_window_gets_the_whole_token_budget() -> None:
+    q: FairQueue[W] = FairQueue(quantum=10**9)
+    for cost in (50, 50, 50, 50, 50, 51):
+        q.push(W(b"bulk", cost))
+    passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=4)
+    assert [[w.cost for w in p] for p in passes] == [[50, 50], [50, 50], [50], [51]]

@@ -648,3 +648,178 @@ def test_passes_planned_before_a_high_priority_query_are_planned_again_shorter()
     assert [j.req for j in _handed(s, w)] == [high]
     _finish(s, w)
     assert sum(j.cost for j in _handed(s, w)) == 200            # and again for 20 ms passes
+
+
+def test_high_priority_bulk_goes_before_normal_passes_planned_earlier():
+    s, t = scheduler()
+    _admitted(s, t, b"ingest", "x" * 4 * 500)
+    for _ in range(40):
+        _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each: windows of 16-text passes
+    w = worker()
+    assert len(_handed(s, w)) == 16 and s.staged      # more normal passes planned
+    urgent = _admitted(s, t, b"ops", "x" * 4 * 400, "high")   # bulk (not a query), high priority
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [urgent]  # next, not after the passes planned before it
+    _finish(s, w)
+    assert {j.req.peer for j in _handed(s, w)} == {b"ingest"}
+
+
+def test_peer_tokens_count_each_clients_live_requests_and_are_released_at_the_answer_point():
+    t = Table()
+    tab = t.table
+    a = tab.create([b"ingest"], 1, b"", ["x"], "m", 60.0, 0.0)
+    a.est_tokens = 300
+    b = tab.create([b"ingest"], 2, b"", ["x"], "m", 60.0, 0.0)
+    b.est_tokens = 200
+    c = tab.create([b"search"], 3, b"", ["x"], "m", 60.0, 0.0)
+    c.est_tokens = 7
+    for r in (a, b, c):
+        tab.add(r)
+    assert tab.peer_tokens == {b"ingest": 500, b"search": 7} and tab.total_tokens == 507
+    assert tab.others_tokens(b"search") == 500 and tab.others_tokens(b"ingest") == 7
+    assert tab.others_tokens(b"nobody") == 507
+    tab.fail(a, Timeout("x"))
+    assert tab.peer_tokens == {b"ingest": 200, b"search": 7} and tab.others_tokens(b"search") == 200
+    tab.fail(a, Timeout("again"))                         # answered once: released once
+    assert tab.total_tokens == 207
+    tab.fail(b, Timeout("x"))
+    assert tab.peer_tokens == {b"search": 7}              # a client with nothing left is forgotten
+    assert tab.others_tokens(b"search") == 0 and tab.total_tokens == 7
+
+
+def test_the_peer_book_gets_every_recorded_request_and_releases_it_once_at_the_answer():
+    class Book:
+        def __init__(self) -> None:
+            self.log: list[tuple[str, int]] = []
+
+        def add(self, req) -> None:
+            self.log.append(("add", req.seq))
+
+        def release(self, req) -> None:
+            self.log.append(("release", req.seq))
+
+    book, sent = Book(), []
+    tab = RequestTable(lambda route, frame: sent.append(unpack(frame)), Events(), book)
+    r = tab.create([b"c"], 1, b"", ["x"], "m", 60.0, 0.0)
+    tab.add(r)
+    assert book.log == [("add", r.seq)]
+    tab.fail(r, Timeout("x"))
+    tab.fail(r, Timeout("again"))
+    assert book.log == [("add", r.seq), ("release", r.seq)] and len(sent) == 1
+
+
+def _tokens(n: int) -> str:
+    return "x" * 4 * (n - 2)                          # a text of n estimated tokens
+
+
+def _ingest(s, t, costs):
+    return [_admitted(s, t, b"ingest", _tokens(c)) for c in costs]
+
+
+def test_bulk_is_sorted_over_windows_of_four_passes():
+    s, t = scheduler()
+    _ingest(s, t, [500] + [100] * 63 + [10] * 16)    # 64 texts fill a window of 4 passes of 16
+    w = worker()
+    passes = []
+    for _ in range(5):
+        passes.append([j.cost for j in _handed(s, w)])
+        _finish(s, w)
+    assert [len(p) for p in passes] == [16] * 5
+    assert all(min(p) >= 100 for p in passes[:4])     # the shorter texts queued later do not overtake ...
+    assert passes[4] == [10] * 16                     # ... they lead the next window
+
+
+def test_a_planned_pass_is_not_overtaken_by_shorter_bulk_arriving_later():
+    s, t = scheduler()
+    _ingest(s, t, [500] + [100] * 40)
+    w = worker()
+    assert [j.cost for j in _handed(s, w)] == [100] * 16
+    _ingest(s, t, [10] * 16)                         # no query: the budget stays, so does the plan
+    _finish(s, w)
+    assert [j.cost for j in _handed(s, w)] == [100] * 16
+
+
+def test_a_short_planned_pass_is_topped_up_at_hand_over_with_bulk_that_arrived_since():
+    s, t = scheduler()
+    _ingest(s, t, [500] + [100] * 19)                # passes of 16 and 4 planned
+    w = worker()
+    assert len(_handed(s, w)) == 16
+    _ingest(s, t, [50] * 20)
+    _finish(s, w)
+    assert [j.cost for j in _handed(s, w)] == [100, 100, 100, 500] + [50] * 12   # 16 texts: full
+
+
+def test_while_queries_are_around_topped_up_bulk_passes_stay_within_the_short_budget():
+    s, t = scheduler()
+    s.sizer.s_per_token = 0.040 / 400                # 40 ms (latency_pass_ms) = 400 tokens
+    s.sizer.observe = lambda tokens, seconds: None
+    _ingest(s, t, [500] + [100] * 99)
+    w = worker()
+    assert len(_handed(s, w)) == 16
+    query = _admitted(s, t, b"search", "q")
+    _finish(s, w)
+    assert [j.req for j in _handed(s, w)] == [query]
+    for _ in range(20):
+        _finish(s, w)
+        got = _handed(s, w)
+        assert 0 < sum(j.cost for j in got) <= 500 and (len(got) == 1 or sum(j.cost for j in got) <= 400)
+
+
+def test_the_plan_is_kept_at_three_quarters_of_its_budget_and_made_again_below():
+    for latency_s, per_pass in ((3.0, 8), (3071 / 1024, 5)):
+        s, t = scheduler()
+        s.sizer.s_per_token = 1 / 1024               # exact: the budget is latency_s * 1024 tokens
+        s.sizer.latency_pass_s = latency_s           # 3072 = 0.75 x 4096, then 3071
+        s.sizer.observe = lambda tokens, seconds: None
+        _ingest(s, t, [512] * 24)                    # 8 per full pass
+        w = worker()
+        assert len(_handed(s, w)) == 8
+        query = _admitted(s, t, b"search", "q")
+        _finish(s, w)
+        assert [j.req for j in _handed(s, w)] == [query]
+        _finish(s, w)
+        assert len(_handed(s, w)) == per_pass
+
+
+def test_answered_requests_in_planned_passes_are_not_handed_over():
+    s, t = scheduler()
+    reqs = _ingest(s, t, [500] + [100] * 40)
+    w = worker()
+    first = _handed(s, w)
+    later = [r for r in reqs if r not in {j.req for j in first}]
+    for r in later[:20]:                             # the whole next planned pass and some of the one after
+        t.table.fail(r, Timeout("deadline"))
+    _finish(s, w)
+    got = _handed(s, w)
+    assert got and all(not j.req.answered for j in got)
+
+
+def test_fail_waiting_answers_the_requests_of_planned_passes_too():
+    s, t = scheduler()
+    reqs = _ingest(s, t, [500] + [100] * 40)
+    w = worker()
+    handed = {j.req for j in _handed(s, w)}
+    assert s.staged                                  # passes planned, not handed over
+    s.fail_waiting(Overloaded("stopped"))
+    assert all(r.answered for r in reqs if r not in handed) and not any(r.answered for r in handed)
+    assert [code for _, code in t.codes()] == ["OVERLOADED"] * (len(reqs) - len(handed))
+    assert s.assign([worker("m.2")]) == {}
+
+
+def test_a_request_of_exactly_interactive_tokens_from_a_client_with_nothing_else_is_a_query():
+    for tokens, query in ((256, True), (257, False)):
+        s, t = scheduler()                           # interactive_tokens = 256
+        _ingest(s, t, [500])
+        _admitted(s, t, b"search", _tokens(tokens))
+        assert s.sizer.interactive(time.monotonic()) is query   # a query meeting bulk shortens passes
+        assert [j.interactive for j in s.queue.units() if j.peer == b"search"] == [query]
+
+
+def test_a_worker_offered_nothing_still_gets_the_next_request():
+    s, t = scheduler()
+    late = queued(s, t, ["a"])
+    t.table.fail(late, Timeout("deadline"))          # what waited was answered meanwhile
+    w = worker()
+    assert s.assign([w]) == {} and not w.inflight
+    fresh = queued(s, t, ["b"])
+    assert [j.req for j in _handed(s, w)] == [fresh]

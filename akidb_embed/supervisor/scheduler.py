@@ -119,7 +119,9 @@ class Scheduler:
             return self._at_most(jobs, max_units)
         if nxt is not None and not nxt.interactive:
             self._staged_budget = budget
-            self.staged.extend(plan_bulk_window(self.queue, self.cfg.max_batch_size, budget, BULK_WINDOW_PASSES))
+            # ahead of passes planned earlier: those stopped here for this work (higher priority)
+            self.staged.extendleft(reversed(plan_bulk_window(self.queue, self.cfg.max_batch_size, budget,
+                                                             BULK_WINDOW_PASSES)))
             if self.staged:
                 return self._at_most(self.staged.popleft(), max_units)
         return compose_pass(self.queue, self.sizer, now, self.cfg.max_batch_size, max_units)
