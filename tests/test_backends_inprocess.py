@@ -192,3 +192,23 @@ def test_mlx_missing_runtime_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> 
     backend = create_backend("mlx", MODEL, {})
     with pytest.raises(BackendUnavailable, match=r"pip install 'mlx\[cpu\]' mlx-embeddings"):
         backend.load()
+
+
+def _config_entry(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:   # not set
+        return None
+
+
+def test_onnx_threads_stop_spinning_between_passes_by_default(onnx_backend, cache: Path) -> None:
+    """Threads spinning between passes keep the supervisor and the clients off a small box's cores
+    (searches during an ingest waited ~100 ms for one): by default they spin inside a pass only."""
+    assert _config_entry(onnx_backend._session, "session.force_spinning_stop") == "1"
+    assert _config_entry(onnx_backend._session, "session.intra_op.allow_spinning") is None
+    always = create_backend("onnx", MODEL, {"cache_dir": str(cache), "spin": "always"})
+    always.load()
+    assert _config_entry(always._session, "session.force_spinning_stop") is None
+    never = create_backend("onnx", MODEL, {"cache_dir": str(cache), "spin": False})
+    never.load()
+    assert _config_entry(never._session, "session.intra_op.allow_spinning") == "0"
