@@ -538,10 +538,15 @@ def test_suspects_run_one_at_a_time_on_the_least_loaded_worker():
     assert [j.req for j in s2.suspects] == [y] and not other.isolating
 
 
+def _admitted(s: Scheduler, t: Table, peer: bytes, text: str, priority: str | None = None) -> Request:
+    r = t.table.create([peer], None, b"", [text], "m", 60.0, time.monotonic())
+    s.admit(r, priority)
+    t.table.add(r)                                   # the supervisor's order: admitted, then recorded
+    return r
+
+
 def _bulk_from_another_client(s: Scheduler, t: Table, tokens: int) -> None:
-    bulk = t.table.create([b"ingest"], 1, b"", ["x" * 4 * tokens], "m", 60.0, time.monotonic())
-    s.admit(bulk, "normal")
-    t.table.add(bulk)
+    _admitted(s, t, b"ingest", "x" * 4 * tokens, "normal")
 
 
 def test_a_query_shortens_passes_only_while_another_client_holds_bulk_work():
@@ -590,13 +595,6 @@ def test_suspects_answered_meanwhile_no_longer_count_as_waiting():
     assert s.waiting() == 2
     t.table.fail(a, Timeout("deadline"))
     assert s.waiting() == 1
-
-
-def _admitted(s: Scheduler, t: Table, peer: bytes, text: str, priority: str | None = None) -> Request:
-    r = t.table.create([peer], None, b"", [text], "m", 60.0, time.monotonic())
-    s.admit(r, priority)
-    t.table.add(r)                                   # the supervisor's order: admitted, then recorded
-    return r
 
 
 def _handed(s: Scheduler, w: FakeWorker) -> list:
