@@ -221,3 +221,15 @@ def test_a_class_without_patience_waits_for_the_higher_ones():
         q.push(U(b"h", 10, HIGH, "high"))
         order.append(q.pop().name)
     assert "low" not in order
+
+
+def test_a_unit_served_from_a_planned_pass_counts_for_the_guaranteed_share() -> None:
+    q: FairQueue[U] = FairQueue(patience={LOW: 2})
+    q.push(U(b"ingest", 100, LOW, "l"))
+    for i in range(4):
+        q.push(U(b"search", 5, HIGH, f"h{i}"))
+    assert [q.pop().name, q.pop().name] == ["h0", "h1"]   # low passed over twice: its turn now
+    q.served(LOW)                                           # a low pass planned earlier just ran
+    assert q.pop().name == "h2"                             # so high goes first again
+    q.served(HIGH)                                          # a high one ran: low was passed over
+    assert q.pop().name == "l"

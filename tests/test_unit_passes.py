@@ -178,7 +178,7 @@ def test_bulk_passes_are_cut_at_their_token_budget_exactly_and_an_oversized_unit
     q: FairQueue[W] = FairQueue(quantum=10**9)
     for cost in (50, 50, 50, 300):
         q.push(W(b"bulk", cost))
-    passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=4)
+    passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=5)
     assert [[w.cost for w in p] for p in passes] == [[50, 50], [50], [300]]   # no empty pass before the big one
 
 
@@ -204,3 +204,13 @@ def test_every_bulk_pass_of_a_window_gets_the_whole_token_budget() -> None:
         q.push(W(b"bulk", cost))
     passes = plan_bulk_window(q, max_texts=16, max_tokens=100, window_passes=4)
     assert [[w.cost for w in p] for p in passes] == [[50, 50], [50, 50], [50], [51]]
+
+
+def test_a_window_of_short_passes_holds_as_many_passes_as_a_window_of_long_ones():
+    """Regression: a window was capped in texts only, so with 2-text passes (queries around) it held
+    32 of them, and new work of its priority from another client waited behind all of them."""
+    q: FairQueue[W] = FairQueue(quantum=10_000)
+    for _ in range(100):
+        q.push(W(b"ingest", 100))
+    passes = plan_bulk_window(q, max_texts=16, max_tokens=200, window_passes=4)
+    assert [len(p) for p in passes] == [2, 2, 2, 2] and len(q) == 92

@@ -821,3 +821,23 @@ def test_a_worker_offered_nothing_still_gets_the_next_request():
     assert s.assign([w]) == {} and not w.inflight
     fresh = queued(s, t, ["b"])
     assert [j.req for j in _handed(s, w)] == [fresh]
+
+
+def test_queries_between_low_bulk_passes_go_next_however_many_come():
+    """Regression: passes planned ahead did not count for low's guaranteed share, so after 20 high
+    queries low's patience ran out and every planned low pass went before the next query (300 ms)."""
+    s, t = scheduler()
+    s.sizer.s_per_token = 0.020 / 200                # 20 ms (high_latency_pass_ms) = 200 tokens
+    s.sizer.observe = lambda tokens, seconds: None
+    _admitted(s, t, b"ingest", _tokens(500), "low")
+    for _ in range(200):
+        _admitted(s, t, b"ingest", _tokens(100), "low")
+    w = worker()
+    _handed(s, w)
+    for i in range(40):                              # a search client: one high query at a time
+        query = _admitted(s, t, b"search", f"query {i}", "high")
+        _finish(s, w)
+        assert [j.req for j in _handed(s, w)] == [query], i
+        _finish(s, w)
+        assert {j.req.peer for j in _handed(s, w)} == {b"ingest"}, i   # the ingest runs between them
+

@@ -169,6 +169,12 @@ class FairQueue(Generic[U]):
                     return c
         return first
 
+    def served(self, cls: int) -> None:
+        """A unit of class ``cls`` ran without being popped here (a pass planned ahead from units popped
+        earlier): it counts for the guaranteed share as if popped, so a lower class whose patience ran out
+        is not served again and again while higher work waits."""
+        self._account(cls)
+
     def _account(self, cls: int) -> None:
         self.passed_over[cls] = 0
         for c in range(cls + 1, len(self.classes)):

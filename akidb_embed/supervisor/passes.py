@@ -106,19 +106,22 @@ def compose_pass(queue: FairQueue[W], sizer: PassSizer, now: float, max_texts: i
 
 
 def plan_bulk_window(queue: FairQueue[W], max_texts: int, max_tokens: int, window_passes: int) -> list[list[W]]:
-    """With no query around: the next ``window_passes`` passes' worth of bulk units of one priority,
-    sorted by length per text and cut into passes. Texts of similar length share a pass, so little
-    of it is padding (the sort the worker can do within one pass, done over several)."""
+    """With no query around: the next ``window_passes`` passes' worth of bulk units of one priority
+    (in texts and in tokens), sorted by length per text and cut into passes. Texts of similar length
+    share a pass, so little of it is padding (the sort the worker can do within one pass, done over
+    several). Work arriving later waits behind at most the window."""
     units: list[W] = []
-    texts = 0
+    texts = tokens = 0
     while True:
         nxt = queue.peek()
         if (nxt is None or nxt.interactive or (units and nxt.priority != units[0].priority)
-                or (units and texts + nxt.n_texts > window_passes * max_texts)):
+                or (units and (texts + nxt.n_texts > window_passes * max_texts
+                               or tokens + nxt.cost > window_passes * max_tokens))):
             break
         queue.pop()
         units.append(nxt)
         texts += nxt.n_texts
+        tokens += nxt.cost
     units.sort(key=lambda u: u.cost / max(1, u.n_texts))
     passes: list[list[W]] = []
     current: list[W] = []

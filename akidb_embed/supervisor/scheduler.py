@@ -116,6 +116,7 @@ class Scheduler:
             if nxt is not None and (nxt.interactive or nxt.priority < jobs[0].priority):
                 break
             self.staged.popleft()
+            self.queue.served(jobs[0].priority)   # the guaranteed share counts planned passes too
             return self._at_most(jobs, max_units)
         if nxt is not None and not nxt.interactive:
             self._staged_budget = budget
