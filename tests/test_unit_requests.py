@@ -609,14 +609,14 @@ def _finish(s: Scheduler, w: FakeWorker) -> None:
 
 def test_bulk_passes_are_sorted_by_length_and_sized_for_the_queries_around():
     s, t = scheduler()
-    s.sizer.s_per_token = 0.040 / 400                # learned: 40 ms (latency_pass_ms) = 400 tokens
+    s.sizer.s_per_token = 0.035 / 400                # learned: 35 ms (latency_pass_ms) = 400 tokens
     s.sizer.observe = lambda tokens, seconds: None   # and kept (these passes take no time)
     _admitted(s, t, b"ingest", "x" * 4 * 500)      # from then on the ingest's requests are not queries
     for n in (90, 30, 70, 10, 50, 80, 20, 60, 40) * 3:   # estimated tokens: n + 2
         _admitted(s, t, b"ingest", "x" * 4 * n)
     w = worker()
     first = [j.cost for j in _handed(s, w)]           # no query around: a full pass, the shortest texts
-    assert first == sorted(first) and len(first) == 16 and first[0] == 12
+    assert first == sorted(first) and len(first) == 8 and first[0] == 12
     query = _admitted(s, t, b"search", "what is a vector database?")
     for n in (25, 5, 15):                            # more ingest, shorter than what waits
         _admitted(s, t, b"ingest", "x" * 4 * n)
@@ -629,32 +629,32 @@ def test_bulk_passes_are_sorted_by_length_and_sized_for_the_queries_around():
 
 def test_passes_planned_before_a_high_priority_query_are_planned_again_shorter():
     s, t = scheduler()
-    s.sizer.s_per_token = 0.040 / 400                # 400 tokens in 40 ms; 200 in 20 ms (high_latency_pass_ms)
+    s.sizer.s_per_token = 0.035 / 400                # 400 tokens in 35 ms; 251 in 22 ms (high_latency_pass_ms)
     s.sizer.observe = lambda tokens, seconds: None
     _admitted(s, t, b"ingest", "x" * 4 * 500)
     for _ in range(40):
         _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each
     w = worker()
-    assert sum(j.cost for j in _handed(s, w)) == 1600          # no query around: 16 texts
+    assert sum(j.cost for j in _handed(s, w)) == 800           # no query around: 8 texts (max_batch_size)
     query = _admitted(s, t, b"search", "q")
     _finish(s, w)
     assert [j.req for j in _handed(s, w)] == [query]
     _finish(s, w)
-    assert sum(j.cost for j in _handed(s, w)) == 400 and s.staged   # planned again for 40 ms passes
+    assert sum(j.cost for j in _handed(s, w)) == 400 and s.staged   # planned again for 35 ms passes
     high = _admitted(s, t, b"search2", "urgent", "high")
     _finish(s, w)
     assert [j.req for j in _handed(s, w)] == [high]
     _finish(s, w)
-    assert sum(j.cost for j in _handed(s, w)) == 200            # and again for 20 ms passes
+    assert sum(j.cost for j in _handed(s, w)) == 200            # and again for 22 ms passes: two texts
 
 
 def test_high_priority_bulk_goes_before_normal_passes_planned_earlier():
     s, t = scheduler()
     _admitted(s, t, b"ingest", "x" * 4 * 500)
     for _ in range(40):
-        _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each: windows of 16-text passes
+        _admitted(s, t, b"ingest", "x" * 392)        # 100 estimated tokens each: windows of 8-text passes
     w = worker()
-    assert len(_handed(s, w)) == 16 and s.staged      # more normal passes planned
+    assert len(_handed(s, w)) == 8 and s.staged      # more normal passes planned
     urgent = _admitted(s, t, b"ops", "x" * 4 * 400, "high")   # bulk (not a query), high priority
     _finish(s, w)
     assert [j.req for j in _handed(s, w)] == [urgent]  # next, not after the passes planned before it
@@ -714,46 +714,46 @@ def _ingest(s, t, costs):
     return [_admitted(s, t, b"ingest", _tokens(c)) for c in costs]
 
 
-def test_bulk_is_sorted_over_windows_of_four_passes():
+def test_bulk_is_sorted_over_windows_of_eight_passes():
     s, t = scheduler()
-    _ingest(s, t, [500] + [100] * 63 + [10] * 16)    # 64 texts fill a window of 4 passes of 16
+    _ingest(s, t, [500] + [100] * 63 + [10] * 16)    # 64 texts fill a window of 8 passes of 8
     w = worker()
     passes = []
-    for _ in range(5):
+    for _ in range(9):
         passes.append([j.cost for j in _handed(s, w)])
         _finish(s, w)
-    assert [len(p) for p in passes] == [16] * 5
-    assert all(min(p) >= 100 for p in passes[:4])     # the shorter texts queued later do not overtake ...
-    assert passes[4] == [10] * 16                     # ... they lead the next window
+    assert [len(p) for p in passes] == [8] * 9
+    assert all(min(p) >= 100 for p in passes[:8])     # the shorter texts queued later do not overtake ...
+    assert passes[8] == [10] * 8                      # ... they lead the next window
 
 
 def test_a_planned_pass_is_not_overtaken_by_shorter_bulk_arriving_later():
     s, t = scheduler()
     _ingest(s, t, [500] + [100] * 40)
     w = worker()
-    assert [j.cost for j in _handed(s, w)] == [100] * 16
+    assert [j.cost for j in _handed(s, w)] == [100] * 8
     _ingest(s, t, [10] * 16)                         # no query: the budget stays, so does the plan
     _finish(s, w)
-    assert [j.cost for j in _handed(s, w)] == [100] * 16
+    assert [j.cost for j in _handed(s, w)] == [100] * 8
 
 
 def test_a_short_planned_pass_is_topped_up_at_hand_over_with_bulk_that_arrived_since():
     s, t = scheduler()
-    _ingest(s, t, [500] + [100] * 19)                # passes of 16 and 4 planned
+    _ingest(s, t, [500] + [100] * 11)                # passes of 8 and 4 planned
     w = worker()
-    assert len(_handed(s, w)) == 16
+    assert len(_handed(s, w)) == 8
     _ingest(s, t, [50] * 20)
     _finish(s, w)
-    assert [j.cost for j in _handed(s, w)] == [100, 100, 100, 500] + [50] * 12   # 16 texts: full
+    assert [j.cost for j in _handed(s, w)] == [100, 100, 100, 500] + [50] * 4    # 8 texts: full
 
 
 def test_while_queries_are_around_topped_up_bulk_passes_stay_within_the_short_budget():
     s, t = scheduler()
-    s.sizer.s_per_token = 0.040 / 400                # 40 ms (latency_pass_ms) = 400 tokens
+    s.sizer.s_per_token = 0.035 / 400                # 35 ms (latency_pass_ms) = 400 tokens
     s.sizer.observe = lambda tokens, seconds: None
     _ingest(s, t, [500] + [100] * 99)
     w = worker()
-    assert len(_handed(s, w)) == 16
+    assert len(_handed(s, w)) == 8
     query = _admitted(s, t, b"search", "q")
     _finish(s, w)
     assert [j.req for j in _handed(s, w)] == [query]

@@ -50,11 +50,11 @@ class BackendConfig:
     timeout_s: float | None = None       # per-backend request deadline (else policy.request_timeout_s)
     max_queue: int = 1024                # requests waiting in the supervisor; past it: OVERLOADED
     max_inflight: int = 64               # requests handed to one worker at a time
-    max_batch_size: int = 16             # texts in one forward pass (16 measured best on CPU)
+    max_batch_size: int = 8              # texts in one forward pass (8 measured best on a 2-core CPU)
     max_batch_tokens: int = 4096         # padded tokens (longest x count) in one forward pass
     default_priority: str = "normal"     # priority of requests that name none: high | normal | low
-    latency_pass_ms: float = 40.0        # while queries are around, a bulk pass holds about this much work
-    high_latency_pass_ms: float = 20.0   # ... while high-priority queries are around
+    latency_pass_ms: float = 35.0        # while queries are around, a bulk pass holds about this much work
+    high_latency_pass_ms: float = 22.0   # ... while high-priority queries are around
     interactive_window_s: float = 2.0    # ... and "around" means seen within this many seconds
     interactive_tokens: int = 256        # a request is a query when its client has at most this many tokens queued
     part_tokens: int = 128               # larger requests are cut into parts of about this many tokens

@@ -24,7 +24,7 @@ from akidb_embed.supervisor.requests import Request, RequestTable
 
 log = logging.getLogger(__name__)
 
-BULK_WINDOW_PASSES = 4    # bulk work is sorted by length over this many passes' worth of texts
+BULK_WINDOW_PASSES = 8    # bulk work is sorted by length over this many passes' worth of texts (and tokens)
 REPLAN_SHARE = 0.75       # planned passes are planned again when the pass budget falls below this share
 
 

@@ -32,7 +32,7 @@ class WorkerSettings:
     endpoint: str                     # the supervisor's worker socket
     options: dict[str, Any] = field(default_factory=dict)
     heartbeat_s: float = 0.5
-    max_batch_size: int = 16
+    max_batch_size: int = 8
     max_batch_tokens: int = 4096
     identity: bytes | None = None     # issue 11: ZeroMQ identity from the lifeline (else the wid)
 
