@@ -827,7 +827,8 @@ def test_queries_between_low_bulk_passes_go_next_however_many_come():
     """Regression: passes planned ahead did not count for low's guaranteed share, so after 20 high
     queries low's patience ran out and every planned low pass went before the next query (300 ms)."""
     s, t = scheduler()
-    s.sizer.s_per_token = 0.020 / 200                # 20 ms (high_latency_pass_ms) = 200 tokens
+    s.queue.patience = {1: 10, 2: 3}                 # low's patience shorter than a window of planned passes
+    s.sizer.s_per_token = 0.022 / 200                # 22 ms (high_latency_pass_ms) = 200 tokens
     s.sizer.observe = lambda tokens, seconds: None
     _admitted(s, t, b"ingest", _tokens(500), "low")
     for _ in range(200):
