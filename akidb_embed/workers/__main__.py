@@ -20,9 +20,9 @@ def parse_args(argv: list[str]) -> tuple[WorkerSettings, int | None]:
     p.add_argument("--wid", required=True)
     p.add_argument("--endpoint", required=True)
     p.add_argument("--options", default="{}", help="backend options as JSON")
-    p.add_argument("--heartbeat", type=float, default=0.5)
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--heartbeat", type=float, default=WorkerSettings.heartbeat_s)
+    p.add_argument("--max-batch-size", type=int, default=WorkerSettings.max_batch_size)
+    p.add_argument("--max-batch-tokens", type=int, default=WorkerSettings.max_batch_tokens)
     p.add_argument("--lifeline-fd", type=int, default=None)
     a = p.parse_args(argv)
     settings = WorkerSettings(backend=a.backend, kind=a.kind, model=a.model, wid=a.wid, endpoint=a.endpoint,
